@@ -1,0 +1,159 @@
+"""Typed configuration of the MultiTalk transformer and its presets.
+
+`MultiTalkConfig` is the one description of an architecture: the model is built from it, the FLOP and parameter
+accounting reads it, and `from_reference` reads the constructor config of the original implementation (the
+`config` metadata of the golden files, the `config.json` of the released checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MultiTalkConfig:
+    """Wan2.1-I2V diffusion transformer plus the MultiTalk audio branch."""
+
+    num_layers: int = 40
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    text_dim: int = 4096
+    image_dim: int = 1280  # CLIP vision hidden size (ViT-H/14: 1280)
+    in_channels: int = 36  # 16 noisy latent + 4 mask + 16 condition latent
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    # Audio branch. The adapter reads, per video frame, a window of `audio_window` wav2vec frames of
+    # `audio_layers` stacked hidden states of size `audio_channels`.
+    audio_window: int = 5
+    audio_layers: int = 12
+    audio_channels: int = 768
+    audio_intermediate_dim: int = 512
+    audio_dim: int = 768  # size of one audio context token
+    audio_tokens: int = 32  # audio context tokens per latent frame and person
+    vae_scale: int = 4  # video frames per latent frame (temporal VAE stride)
+    norm_input_visual: bool = True  # LayerNorm before the audio cross-attention
+    norm_output_audio: bool = True  # LayerNorm on the adapter's tokens
+    text_len: int = 512  # umT5 context length; diffusers' Wan attention splits image/text tokens by it
+
+    def __post_init__(self) -> None:
+        if self.audio_window % 2 != 1:
+            raise ValueError(f"audio_window must be odd (a window centred on the frame), got {self.audio_window}")
+        if self.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim must be even for rotary embeddings, got {self.attention_head_dim}")
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MultiTalkConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MultiTalkConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_reference(cls, reference: dict[str, Any] | str) -> MultiTalkConfig:
+        """Reads the original implementation's constructor config (WanModel of MeiGen-AI/MultiTalk)."""
+        ref = json.loads(reference) if isinstance(reference, str) else dict(reference)
+        if ref.get("model_type", "i2v") != "i2v":
+            raise ValueError(f"MultiTalk is an image-to-video model; config has model_type={ref['model_type']!r}")
+        if not ref.get("qk_norm", True):
+            raise ValueError("configs without qk_norm are not supported (every released Wan2.1-I2V model has it)")
+        if tuple(ref.get("window_size", (-1, -1))) != (-1, -1):
+            raise ValueError(f"local attention windows are not supported, config has window_size={ref['window_size']}")
+        dim, heads = ref["dim"], ref["num_heads"]
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {heads}")
+        return cls(
+            num_layers=ref["num_layers"],
+            num_attention_heads=heads,
+            attention_head_dim=dim // heads,
+            ffn_dim=ref["ffn_dim"],
+            freq_dim=ref["freq_dim"],
+            text_dim=ref["text_dim"],
+            in_channels=ref.get("in_dim", 36),
+            out_channels=ref.get("out_dim", 16),
+            patch_size=tuple(ref.get("patch_size", (1, 2, 2))),
+            cross_attn_norm=ref.get("cross_attn_norm", True),
+            eps=ref.get("eps", 1e-6),
+            audio_window=ref.get("audio_window", 5),
+            audio_intermediate_dim=ref.get("intermediate_dim", 512),
+            audio_dim=ref.get("output_dim", 768),
+            audio_tokens=ref.get("context_tokens", 32),
+            vae_scale=ref.get("vae_scale", 4),
+            norm_input_visual=ref.get("norm_input_visual", True),
+            norm_output_audio=ref.get("norm_output_audio", True),
+            text_len=ref.get("text_len", 512),
+        )
+
+    def to_reference(self) -> dict[str, Any]:
+        """The original implementation's constructor config for this architecture."""
+        return {
+            "model_type": "i2v",
+            "patch_size": list(self.patch_size),
+            "text_len": self.text_len,
+            "in_dim": self.in_channels,
+            "dim": self.dim,
+            "ffn_dim": self.ffn_dim,
+            "freq_dim": self.freq_dim,
+            "text_dim": self.text_dim,
+            "out_dim": self.out_channels,
+            "num_heads": self.num_attention_heads,
+            "num_layers": self.num_layers,
+            "window_size": [-1, -1],
+            "qk_norm": True,
+            "cross_attn_norm": self.cross_attn_norm,
+            "eps": self.eps,
+            "audio_window": self.audio_window,
+            "intermediate_dim": self.audio_intermediate_dim,
+            "output_dim": self.audio_dim,
+            "context_tokens": self.audio_tokens,
+            "vae_scale": self.vae_scale,
+            "norm_input_visual": self.norm_input_visual,
+            "norm_output_audio": self.norm_output_audio,
+        }
+
+
+PRESETS: dict[str, MultiTalkConfig] = {
+    # CPU tests and the demo: a few hundred thousand parameters, with a tiny wav2vec2 (12 layers of 32).
+    "tiny": MultiTalkConfig(
+        num_layers=2,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        ffn_dim=128,
+        freq_dim=32,
+        text_dim=32,
+        image_dim=32,
+        audio_channels=32,
+        audio_intermediate_dim=32,
+        audio_dim=48,
+        audio_tokens=4,
+    ),
+    # Wan2.1-I2V-14B-480P + MultiTalk audio (chinese-wav2vec2-base: 12 layers of 768).
+    "multitalk-14b": MultiTalkConfig(),
+}
+
+
+def get_preset(name: str) -> MultiTalkConfig:
+    """The named preset; the error lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+__all__ = ["MultiTalkConfig", "PRESETS", "get_preset"]

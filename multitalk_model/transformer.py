@@ -1,0 +1,441 @@
+"""The MultiTalk transformer: diffusers' WanTransformer3DModel with an audio cross-attention in every block.
+
+Block order (as in the original): self-attention (gated) -> text/image cross-attention -> LayerNorm -> audio
+cross-attention (plain residual) -> FFN (gated). The audio cross-attention is frame-local: latent frame f's video
+tokens attend only to frame f's audio tokens (every person's, concatenated). With several persons, L-RoPE binds
+each audio stream to the tokens that the block's self-attention localises on that person's reference region.
+
+Audio reaches each block as an explicit argument (never a side channel), so activation checkpointing recomputes
+blocks correctly. Attention runs behind processors, so a parallel runtime can swap them from outside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+from .audio_adapter import AudioAdapter
+from .config import MultiTalkConfig
+from .localization import region_scores, token_region_masks
+from .lrope import apply_label_rope, audio_labels, video_labels
+
+
+def apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's 3D rotary embedding on interleaved pairs (the same arithmetic as diffusers' WanAttnProcessor)."""
+    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x_even * cos - x_odd * sin
+    out[..., 1::2] = x_even * sin + x_odd * cos
+    return out.type_as(x)
+
+
+class MultiTalkSelfAttnProcessor:
+    """Wan self-attention that also measures, when given region values, where each token looks on frame 0.
+
+    Returns (output, region scores [B, L, C] or None). The scores come from the same normalised, rotated queries
+    and keys as the attention itself; they feed argmax labels only, so no gradient flows through them.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: AttentionModuleMixin,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        region_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_wan_rope(query, *rotary_emb)
+            key = apply_wan_rope(key, *rotary_emb)
+
+        scores = None
+        if region_values is not None:
+            with torch.no_grad():
+                scores = region_scores(query, key[:, : region_values.shape[1]], region_values)
+
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        out = attn.to_out[0](out.flatten(2, 3).type_as(query))
+        return attn.to_out[1](out), scores
+
+
+class MultiTalkAudioAttnProcessor:
+    """Frame-local audio cross-attention with optional label RoPE on queries and audio keys (values untouched)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: MultiTalkAudioAttention,
+        hidden_states: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        query_labels: torch.Tensor | None = None,
+        key_labels: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, num_frames, num_audio = audio_tokens.shape[:3]
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # [B, T*S, H, D]
+        key = attn.to_k(audio_tokens).unflatten(-1, (attn.heads, -1))  # [B, T, N, H, D]
+        value = attn.to_v(audio_tokens).unflatten(-1, (attn.heads, -1))
+        if query_labels is not None:
+            query = apply_label_rope(query, query_labels)
+            key = apply_label_rope(key, key_labels[:, None])
+
+        # Frame-local: fold the latent frames into the batch.
+        query = query.unflatten(1, (num_frames, -1)).flatten(0, 1)
+        key, value = key.flatten(0, 1), value.flatten(0, 1)
+        mask = None
+        if key_mask is not None:
+            mask = key_mask[:, None].expand(-1, num_frames, -1).reshape(batch * num_frames, 1, 1, num_audio)
+
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
+        out = out.reshape(batch, -1, attn.heads * attn.head_dim).type_as(hidden_states)
+        return attn.to_out(out)
+
+
+class MultiTalkAudioAttention(nn.Module, AttentionModuleMixin):
+    """Video tokens (queries) attend to audio tokens (keys/values); no q/k norm, as in the original."""
+
+    _default_processor_cls = MultiTalkAudioAttnProcessor
+    _available_processors = [MultiTalkAudioAttnProcessor]
+
+    def __init__(self, dim: int, audio_dim: int, heads: int, processor: Any = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(audio_dim, dim)
+        self.to_v = nn.Linear(audio_dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.set_processor(processor or MultiTalkAudioAttnProcessor())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        query_labels: torch.Tensor | None = None,
+        key_labels: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, audio_tokens, query_labels, key_labels, key_mask)
+
+
+class MultiTalkTransformerBlock(WanTransformerBlock):
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        qk_norm: str,
+        cross_attn_norm: bool,
+        eps: float,
+        added_kv_proj_dim: int | None,
+        audio_dim: int,
+        norm_input_visual: bool,
+    ) -> None:
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+        self.attn1.set_processor(MultiTalkSelfAttnProcessor())
+        self.norm_audio = FP32LayerNorm(dim, eps, elementwise_affine=True) if norm_input_visual else nn.Identity()
+        self.attn_audio = MultiTalkAudioAttention(dim, audio_dim, num_heads)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        audio_tokens: torch.Tensor,
+        audio_key_labels: torch.Tensor | None = None,
+        audio_key_mask: torch.Tensor | None = None,
+        region_values: torch.Tensor | None = None,
+        lrope_samples: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+
+        # 1. Self-attention, which also localises the persons when L-RoPE is on.
+        norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        attn_output, scores = self.attn1(norm_hidden_states, None, None, rotary_emb, region_values=region_values)
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+
+        # 2. Text + image cross-attention.
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+
+        # 3. Audio cross-attention. Samples with one stream get label 0 everywhere: the identity rotation.
+        query_labels = None
+        if scores is not None:
+            query_labels = video_labels(scores) * lrope_samples[:, None]
+        norm_hidden_states = self.norm_audio(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self.attn_audio(
+            norm_hidden_states, audio_tokens, query_labels, audio_key_labels, audio_key_mask
+        )
+
+        # 4. Feed-forward.
+        norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
+            hidden_states
+        )
+        ff_output = self.ffn(norm_hidden_states)
+        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+class MultiTalkTransformer3DModel(WanTransformer3DModel):
+    r"""Wan2.1-I2V transformer with the MultiTalk audio branch.
+
+    Takes every argument of `WanTransformer3DModel` plus the audio branch's (see `MultiTalkConfig`). Build it from
+    a typed config with `from_multitalk_config`.
+    """
+
+    _no_split_modules = ["MultiTalkTransformerBlock"]
+    _repeated_blocks = ["MultiTalkTransformerBlock"]
+    _keep_in_fp32_modules = WanTransformer3DModel._keep_in_fp32_modules + ["norm_audio"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = 1280,
+        added_kv_proj_dim: int | None = 5120,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        audio_window: int = 5,
+        audio_layers: int = 12,
+        audio_channels: int = 768,
+        audio_intermediate_dim: int = 512,
+        audio_dim: int = 768,
+        audio_tokens: int = 32,
+        vae_scale: int = 4,
+        norm_input_visual: bool = True,
+        norm_output_audio: bool = True,
+        text_len: int = 512,
+    ) -> None:
+        # The undecorated parent constructor: it builds the embeddings and output head without registering its
+        # own config over ours, and no Wan blocks (ours replace them).
+        WanTransformer3DModel.__init__.__wrapped__(
+            self,
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=0,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        inner_dim = num_attention_heads * attention_head_dim
+        self.blocks = nn.ModuleList(
+            [
+                MultiTalkTransformerBlock(
+                    inner_dim,
+                    ffn_dim,
+                    num_attention_heads,
+                    qk_norm,
+                    cross_attn_norm,
+                    eps,
+                    added_kv_proj_dim,
+                    audio_dim,
+                    norm_input_visual,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.audio_adapter = AudioAdapter(
+            window=audio_window,
+            layers=audio_layers,
+            channels=audio_channels,
+            intermediate_dim=audio_intermediate_dim,
+            audio_dim=audio_dim,
+            tokens=audio_tokens,
+            vae_scale=vae_scale,
+            norm_output=norm_output_audio,
+        )
+
+    @classmethod
+    def from_multitalk_config(cls, config: MultiTalkConfig) -> MultiTalkTransformer3DModel:
+        """Builds the model (random weights) on the current default device; use torch.device('meta') to skip memory."""
+        return cls(**model_kwargs(config))
+
+    def audio_parameter_names(self) -> list[str]:
+        """The parameters MultiTalk trains: the audio adapter and every block's audio norm + cross-attention."""
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if name.startswith("audio_adapter.") or ".norm_audio." in name or ".attn_audio." in name
+        ]
+
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, P, F, window, layers, channels] -> audio tokens [B, T, P * tokens, audio_dim], persons in order."""
+        batch, persons = audio.shape[:2]
+        tokens = self.audio_adapter(audio.flatten(0, 1).to(self.dtype))  # [B*P, T, n, C]
+        return tokens.unflatten(0, (batch, persons)).transpose(1, 2).flatten(2, 3)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor,
+        audio: torch.Tensor,
+        region_masks: torch.Tensor | None = None,
+        audio_streams: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        r"""Predicts the flow velocity.
+
+        Args:
+            hidden_states: `[B, in_channels, T, H, W]`, the noisy latent concatenated with the condition (mask + VAE
+                latent of the condition frames).
+            timestep: `[B]` diffusion timesteps in [0, 1000].
+            encoder_hidden_states: `[B, L <= text_len, text_dim]` text-encoder states; zero-padded to text_len here.
+            encoder_hidden_states_image: `[B, 257, image_dim]` CLIP hidden states of the condition image.
+            audio: `[B, P, F, window, layers, channels]` per person, for each of the F = vae_scale * (T - 1) + 1 video
+                frames, the window of stacked wav2vec2 layer outputs.
+            region_masks: `[B, P + 1, H, W]` person regions then background on the latent grid. Needed when a sample
+                has several streams.
+            audio_streams: `[B]` how many of the P streams each sample uses (default all). A sample with one stream
+                takes the single-person path (no localisation, no L-RoPE); its unused streams are masked out. This
+                lets the guidance passes with different stream counts share one forward.
+        """
+        if attention_kwargs:
+            raise ValueError(f"attention_kwargs are not supported: {sorted(attention_kwargs)}")
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+        num_persons = audio.shape[1]
+        expected_frames = self.config.vae_scale * (num_frames - 1) + 1
+        if audio.shape[2] != expected_frames:
+            raise ValueError(f"audio covers {audio.shape[2]} video frames; {num_frames} latent frames need {expected_frames}")
+
+        rotary_emb = self.rope(hidden_states)
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        text_len = self.config.text_len
+        if encoder_hidden_states.shape[1] > text_len:
+            raise ValueError(f"text context has {encoder_hidden_states.shape[1]} tokens; at most {text_len} fit")
+        encoder_hidden_states = F.pad(encoder_hidden_states, (0, 0, 0, text_len - encoder_hidden_states.shape[1]))
+        temb, timestep_proj, encoder_hidden_states, image_states = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+        encoder_hidden_states = torch.cat([image_states, encoder_hidden_states], dim=1)
+
+        audio_tokens = self.encode_audio(audio)
+        streams = self._stream_counts(audio_streams, batch_size, num_persons, audio.device)
+        tokens_per_person = self.config.audio_tokens
+        audio_key_mask = None
+        if (streams < num_persons).any():
+            stream_of_token = torch.arange(num_persons, device=audio.device).repeat_interleave(tokens_per_person)
+            audio_key_mask = stream_of_token[None] < streams[:, None]
+        lrope_samples = streams > 1
+        audio_key_labels = region_values = None
+        if lrope_samples.any():  # one person: no L-RoPE and no localisation at all
+            if region_masks is None or region_masks.shape[1] != num_persons + 1:
+                raise ValueError(f"{num_persons} audio streams need region_masks [B, {num_persons + 1}, H, W]")
+            audio_key_labels = audio_labels(num_persons, tokens_per_person, audio.device)[None] * lrope_samples[:, None]
+            region_values = token_region_masks(region_masks, grid[1:])
+
+        block_args = (audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, *block_args
+                )
+            else:
+                hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, *block_args)
+
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
+        output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    @staticmethod
+    def _stream_counts(
+        audio_streams: torch.Tensor | None, batch_size: int, num_persons: int, device: torch.device
+    ) -> torch.Tensor:
+        if audio_streams is None:
+            return torch.full((batch_size,), num_persons, device=device)
+        streams = torch.as_tensor(audio_streams, device=device)
+        if streams.shape != (batch_size,) or (streams < 1).any() or (streams > num_persons).any():
+            raise ValueError(f"audio_streams must hold {batch_size} counts in [1, {num_persons}], got {streams.tolist()}")
+        return streams
+
+
+def model_kwargs(config: MultiTalkConfig) -> dict[str, Any]:
+    """Constructor arguments of MultiTalkTransformer3DModel for a typed config."""
+    return {
+        "patch_size": config.patch_size,
+        "num_attention_heads": config.num_attention_heads,
+        "attention_head_dim": config.attention_head_dim,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "text_dim": config.text_dim,
+        "freq_dim": config.freq_dim,
+        "ffn_dim": config.ffn_dim,
+        "num_layers": config.num_layers,
+        "cross_attn_norm": config.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": config.eps,
+        "image_dim": config.image_dim,
+        "added_kv_proj_dim": config.dim,  # I2V: the image tokens get their own key/value projections
+        "rope_max_seq_len": config.rope_max_seq_len,
+        "audio_window": config.audio_window,
+        "audio_layers": config.audio_layers,
+        "audio_channels": config.audio_channels,
+        "audio_intermediate_dim": config.audio_intermediate_dim,
+        "audio_dim": config.audio_dim,
+        "audio_tokens": config.audio_tokens,
+        "vae_scale": config.vae_scale,
+        "norm_input_visual": config.norm_input_visual,
+        "norm_output_audio": config.norm_output_audio,
+        "text_len": config.text_len,
+    }
