@@ -1,0 +1,227 @@
+"""The input of one generation job: our schema, the official MultiTalk input JSON, and loading either from a file."""
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+# `multitalk_14B.sample_neg_prompt` in MeiGen-AI/MultiTalk wan/configs/wan_multitalk_14B.py (the English one).
+REFERENCE_NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
+    "messy background, three legs, many people in the background, walking backwards"
+)
+
+# The reference's --sample_shift defaults per resolution.
+_DEFAULT_SHIFT = {"480p": 7.0, "720p": 11.0}
+
+# Keys of the official input JSON that generation from local audio files does not use.
+_OFFICIAL_KEYS = {"prompt", "cond_image", "audio_type", "cond_audio", "bbox"}
+
+
+class JobError(ValueError):
+    """A job file or official input that cannot be used; the message names the file and the field."""
+
+
+class PersonInput(BaseModel):
+    """One person in the image and the speech that drives them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audio: str = Field(min_length=1, description="Path of this person's speech audio.")
+    box: tuple[float, float, float, float] | None = Field(
+        default=None, description="Where this person is in the image: [x0, y0, x1, y1] in source pixels."
+    )
+
+    @field_validator("box")
+    @classmethod
+    def _box_is_not_empty(cls, box: tuple[float, float, float, float] | None):
+        if box is not None and not (box[2] > box[0] and box[3] > box[1]):
+            raise ValueError(f"box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(box)}")
+        return box
+
+
+def _check_4n_plus_1(name: str, value: int) -> int:
+    # The VAE compresses 4 frames into one latent frame after the first, so clip lengths are 4n + 1.
+    if value % 4 != 1:
+        raise ValueError(f"{name} must be 4n+1, got {value}")
+    return value
+
+
+class GenerationJob(BaseModel):
+    """Everything one generation needs: inputs, sampling settings and long-video settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="Path of the reference image (the first frame).")
+    persons: list[PersonInput] = Field(
+        min_length=1, description="One entry per person; without boxes, persons count from the left."
+    )
+    prompt: str = Field(default="", description="Text describing the scene.")
+    negative_prompt: str = Field(default=REFERENCE_NEGATIVE_PROMPT, description="Text the video should avoid.")
+    audio_type: Literal["add", "para"] = Field(
+        default="add", description="add: the persons speak in turn, one after the other; para: at the same time."
+    )
+    seed: int = Field(default=42, ge=0, description="Random seed of the initial noise.")
+    steps: int = Field(default=40, ge=1, description="Number of sampling steps.")
+    shift: float | None = Field(
+        default=None, gt=0, description="Timestep shift of the flow-matching schedule; None = 7 for 480p, 11 for 720p."
+    )
+    text_guidance: float = Field(
+        default=5.0, ge=0, description="Text classifier-free guidance scale (1 = 2 model passes per step, not 3)."
+    )
+    audio_guidance: float = Field(default=4.0, ge=0, description="Audio classifier-free guidance scale.")
+    size: Literal["480p", "720p"] = Field(
+        default="480p", description="Area bucket of the output; the aspect ratio follows the image."
+    )
+    mode: Literal["clip", "streaming"] = Field(
+        default="clip", description="clip: one clip of frame_num frames; streaming: clips chained to the audio's end."
+    )
+    frame_num: int = Field(default=81, ge=5, description="Frames per clip, 4n+1, at 25 fps.")
+    motion_frames: int = Field(
+        default=25, ge=1, description="Last frames of a clip that condition the next one in streaming mode, 4n+1."
+    )
+    max_duration_s: float = Field(default=40.0, gt=0, description="Longest video streaming mode generates, in seconds.")
+    color_correction: float = Field(
+        default=1.0, ge=0, le=1, description="How strongly each clip's colours are matched to the image (0 = off)."
+    )
+    use_apg: bool = Field(default=False, description="Adaptive projected guidance, against colour drift.")
+    step_cache_threshold: float | None = Field(
+        default=None, gt=0, description="Skip a step's model call when its input changed less than this; None = never."
+    )
+
+    @field_validator("frame_num")
+    @classmethod
+    def _frame_num_is_4n_plus_1(cls, value: int) -> int:
+        return _check_4n_plus_1("frame_num", value)
+
+    @field_validator("motion_frames")
+    @classmethod
+    def _motion_frames_is_4n_plus_1(cls, value: int) -> int:
+        return _check_4n_plus_1("motion_frames", value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationJob":
+        if self.motion_frames >= self.frame_num:
+            raise ValueError(f"motion_frames must be < frame_num, got {self.motion_frames} >= {self.frame_num}")
+        with_box = [index + 1 for index, person in enumerate(self.persons) if person.box is not None]
+        if with_box and len(with_box) != len(self.persons):
+            raise ValueError(
+                f"persons: give a box for every person or for none, got boxes for person(s) {with_box} "
+                f"of {len(self.persons)}"
+            )
+        return self
+
+    @property
+    def resolved_shift(self) -> float:
+        """The timestep shift to sample with: `shift`, or the reference's default for `size`."""
+        return self.shift if self.shift is not None else _DEFAULT_SHIFT[self.size]
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    return str(base_dir / Path(path).expanduser())
+
+
+def _official_persons(data: dict[str, Any], base_dir: Path) -> list[dict[str, Any]]:
+    """cond_audio {person1: path, ...} and bbox {person1: [y0, x0, y1, x1], ...} -> ordered person entries."""
+    if "cond_audio" not in data:
+        raise JobError("cond_audio: missing (one audio file per person: {\"person1\": \"a.wav\", ...})")
+    cond_audio, bbox = data["cond_audio"], data.get("bbox") or {}
+    if not isinstance(cond_audio, dict) or not cond_audio:
+        raise JobError(f"cond_audio: must map person1, person2, ... to audio paths, got {cond_audio!r}")
+    if not isinstance(bbox, dict):
+        raise JobError(f"bbox: must map person1, person2, ... to [y0, x0, y1, x1], got {bbox!r}")
+    for field, keys in (("cond_audio", cond_audio), ("bbox", bbox)):
+        for key in keys:
+            if not re.fullmatch(r"person[1-9][0-9]*", key):
+                raise JobError(f"{field}.{key}: keys must be person1, person2, ...")
+    unknown_boxes = sorted(set(bbox) - set(cond_audio))
+    if unknown_boxes:
+        raise JobError(f"bbox: {unknown_boxes} have no entry in cond_audio")
+
+    persons = []
+    for key in sorted(cond_audio, key=lambda name: int(name.removeprefix("person"))):
+        audio = cond_audio[key]
+        if not isinstance(audio, str) or audio == "None":
+            # The reference reads the string "None" as a silent person; a person here always has an audio file.
+            raise JobError(f"cond_audio.{key}: must be an audio file path, got {audio!r}")
+        person: dict[str, Any] = {"audio": _resolve(audio, base_dir)}
+        if key in bbox:
+            box = bbox[key]
+            if not (isinstance(box, list | tuple) and len(box) == 4):
+                raise JobError(f"bbox.{key}: must be [y0, x0, y1, x1], got {box!r}")
+            # The reference indexes rows with the first pair and columns with the second: [y0, x0, y1, x1].
+            y0, x0, y1, x1 = box
+            person["box"] = (x0, y0, x1, y1)
+        persons.append(person)
+    return persons
+
+
+def from_official_json(data: dict[str, Any], base_dir: Path) -> GenerationJob:
+    """Convert the official MultiTalk input JSON (cond_image, cond_audio, bbox as [y0, x0, y1, x1]) into a job."""
+    if "cond_image" not in data:
+        raise JobError("cond_image: missing (the path of the reference image)")
+    ignored = sorted(set(data) - _OFFICIAL_KEYS)
+    if ignored:
+        logger.warning("ignoring keys of the official input that generation does not use: %s", ", ".join(ignored))
+    if not isinstance(data["cond_image"], str):
+        raise JobError(f"cond_image: must be an image path, got {data['cond_image']!r}")
+    fields: dict[str, Any] = {
+        "image": _resolve(data["cond_image"], base_dir),
+        "persons": _official_persons(data, base_dir),
+    }
+    fields.update({key: data[key] for key in ("prompt", "audio_type") if key in data})
+    return GenerationJob.model_validate(fields)
+
+
+def _describe(error: ValidationError) -> str:
+    """ValidationError -> "field: problem; field: problem" with pydantic's "Value error, " prefix dropped."""
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        field = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{field}: {message}" if field else message)
+    return "; ".join(problems)
+
+
+def _check_files_exist(job: GenerationJob) -> None:
+    files = {"image": job.image} | {f"persons.{index}.audio": person.audio for index, person in enumerate(job.persons)}
+    for field, file in files.items():
+        if not Path(file).is_file():
+            raise JobError(f"{field}: no such file {file}")
+
+
+def load_job(path: Path) -> GenerationJob:
+    """Read a job file in our schema or the official one (it has cond_image), paths relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise JobError(f"{path}: not a JSON file ({error})") from error
+    if not isinstance(data, dict):
+        raise JobError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+
+    base_dir = path.parent.absolute()
+    try:
+        if "cond_image" in data:
+            job = from_official_json(data, base_dir)
+        else:
+            job = GenerationJob.model_validate(data)
+            resolved_persons = [
+                person.model_copy(update={"audio": _resolve(person.audio, base_dir)}) for person in job.persons
+            ]
+            job = job.model_copy(update={"image": _resolve(job.image, base_dir), "persons": resolved_persons})
+        _check_files_exist(job)
+    except ValidationError as error:
+        raise JobError(f"{path}: {_describe(error)}") from None
+    except JobError as error:
+        raise JobError(f"{path}: {error}") from None
+    return job
