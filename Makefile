@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m multitalk_model.demo --out demo_output
+	$(PY) scripts/demo.py --out demo_output
 
 test: install
 	$(PY) -m pytest -q tests

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 def token_region_masks(region_masks: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     """Region masks on the latent grid [B, C, h, w] -> size-normalised token values [B, h'*w', C].
 
-    Resized to the token grid (nearest) and binarised (> 0) as the original does; each class column sums to 1.
+    Resized to the token grid (nearest) and binarised (> 0) as the original does; each class column sums to 1. A
+    region too thin to cover a token (a background margin at low resolution) gets a zero column, so it never wins
+    the argmax, where the original would divide by zero.
     """
     masks = F.interpolate(region_masks.float(), size=grid_hw, mode="nearest") > 0
     masks = masks.flatten(2).float()  # [B, C, tokens]
-    sizes = masks.sum(-1, keepdim=True)
-    if (sizes == 0).any():
-        raise ValueError("a person or background region is empty on the token grid; regions must be non-empty")
+    sizes = masks.sum(-1, keepdim=True).clamp(min=1)
     return (masks / sizes).transpose(1, 2)
 
 
@@ -31,7 +31,10 @@ def region_scores(query: torch.Tensor, ref_key: torch.Tensor, mask_values: torch
     query: [B, L, H, D] video queries (after q-norm and RoPE); ref_key: [B, R, H, D] keys of the first latent
     frame; mask_values: [B, R, C] from `token_region_masks`. Returns [B, L, C].
     """
-    heads = query.shape[2]
-    values = mask_values.to(query.dtype)[:, None].expand(-1, heads, -1, -1)  # [B, H, R, C]
+    heads, head_dim = query.shape[2], query.shape[3]
+    classes = mask_values.shape[-1]
+    # Padded to the head size: CPU and GPU fused kernels need value and key heads of one size and otherwise fall
+    # back to the math path, which materialises the very map this avoids.
+    values = F.pad(mask_values.to(query.dtype), (0, head_dim - classes))[:, None].expand(-1, heads, -1, -1)
     mass = F.scaled_dot_product_attention(query.transpose(1, 2), ref_key.transpose(1, 2), values)
-    return mass.float().mean(dim=1)
+    return mass[..., :classes].float().mean(dim=1)
