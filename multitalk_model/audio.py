@@ -136,19 +136,26 @@ class Wav2VecEncoder:
         """Encode 16 kHz mono audio into float32 CPU features [num_frames, layers, hidden] (default: 25 per second)."""
         if num_frames is None:
             num_frames = int(len(wave16k) / SAMPLE_RATE * VIDEO_FPS)  # the reference's expression, rounding included
+        return self.encode_batch([wave16k], num_frames)[0]
+
+    @torch.no_grad()
+    def encode_batch(self, waves: Sequence[np.ndarray], num_frames: int) -> torch.Tensor:
+        """Encode equally long 16 kHz mono waves in one forward: float32 CPU features [B, num_frames, layers, hidden]."""
+        lengths = {len(wave) for wave in waves}
+        if len(lengths) != 1:
+            raise ValueError(f"waves of one batch must have one length, got lengths {sorted(lengths)}")
+        length = lengths.pop()
         if num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {num_frames} (audio of {len(wave16k)} samples)")
+            raise ValueError(f"num_frames must be at least 1, got {num_frames} (audio of {length} samples)")
         receptive_field = _cnn_receptive_field(self.model.config)
-        if len(wave16k) < receptive_field:
-            raise ValueError(
-                f"audio of {len(wave16k)} samples is shorter than wav2vec2's receptive field of {receptive_field}"
-            )
-        # The feature extractor normalises the waveform to zero mean and unit variance, as in pre-training.
+        if length < receptive_field:
+            raise ValueError(f"audio of {length} samples is shorter than wav2vec2's receptive field of {receptive_field}")
+        # The feature extractor normalises each waveform to zero mean and unit variance, as in pre-training.
         input_values = self.feature_extractor(
-            np.asarray(wave16k, dtype=np.float32), sampling_rate=SAMPLE_RATE, return_tensors="pt"
+            [np.asarray(wave, dtype=np.float32) for wave in waves], sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_values
         input_values = input_values.to(self.model.device, self.model.dtype)
-        return _layer_features(self.model, input_values, num_frames)[0].float().cpu()
+        return _layer_features(self.model, input_values, num_frames).float().cpu()
 
 
 def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .regions import official_bbox_to_box
+
 logger = logging.getLogger(__name__)
 
 # `multitalk_14B.sample_neg_prompt` in MeiGen-AI/MultiTalk wan/configs/wan_multitalk_14B.py (the English one).
@@ -80,6 +82,9 @@ class GenerationJob(BaseModel):
     size: Literal["480p", "720p"] = Field(
         default="480p", description="Area bucket of the output; the aspect ratio follows the image."
     )
+    resolution: tuple[int, int] | None = Field(
+        default=None, description="Explicit output [height, width] in pixels, multiples of 16, instead of the bucket."
+    )
     mode: Literal["clip", "streaming"] = Field(
         default="clip", description="clip: one clip of frame_num frames; streaming: clips chained to the audio's end."
     )
@@ -95,6 +100,14 @@ class GenerationJob(BaseModel):
     step_cache_threshold: float | None = Field(
         default=None, gt=0, description="Skip a step's model call when its input changed less than this; None = never."
     )
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_fits_the_latent_grid(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        # 8x VAE downsampling, then 2x2 patches: both sides must be multiples of 16.
+        if value is not None and (value[0] % 16 or value[1] % 16 or min(value) < 16):
+            raise ValueError(f"resolution must be [height, width] in multiples of 16, got {list(value)}")
+        return value
 
     @field_validator("frame_num")
     @classmethod
@@ -113,8 +126,8 @@ class GenerationJob(BaseModel):
         with_box = [index + 1 for index, person in enumerate(self.persons) if person.box is not None]
         if with_box and len(with_box) != len(self.persons):
             raise ValueError(
-                f"persons: give a box for every person or for none, got boxes for person(s) {with_box} "
-                f"of {len(self.persons)}"
+                f"persons: {len(self.persons)} audio streams but {len(with_box)} person regions (boxes for person(s) "
+                f"{with_box}); give a box for every person or for none"
             )
         return self
 
@@ -156,9 +169,7 @@ def _official_persons(data: dict[str, Any], base_dir: Path) -> list[dict[str, An
             box = bbox[key]
             if not (isinstance(box, list | tuple) and len(box) == 4):
                 raise JobError(f"bbox.{key}: must be [y0, x0, y1, x1], got {box!r}")
-            # The reference indexes rows with the first pair and columns with the second: [y0, x0, y1, x1].
-            y0, x0, y1, x1 = box
-            person["box"] = (x0, y0, x1, y1)
+            person["box"] = official_bbox_to_box(box)
         persons.append(person)
     return persons
 

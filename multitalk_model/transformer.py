@@ -11,6 +11,7 @@ blocks correctly. Attention runs behind processors, so a parallel runtime can sw
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -205,6 +206,23 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+@dataclass
+class BlockStackInputs:
+    """What the block stack reads, built once per forward by `embed`.
+
+    `forward` is `finalize(run_blocks(embed(...)))`; the split is the seam a step cache uses to skip the blocks
+    and reuse their cached residual (`guidance.StepCache`).
+    """
+
+    hidden_states: torch.Tensor  # [B, L, dim] patch embeddings: the stack's input
+    encoder_hidden_states: torch.Tensor  # [B, 257 + text_len, dim] image then text tokens
+    timestep_proj: torch.Tensor  # [B, 6, dim] the blocks' modulation, a function of the timestep only
+    rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    block_args: tuple[torch.Tensor | None, ...]  # audio tokens, key labels, key mask, region values, L-RoPE samples
+    temb: torch.Tensor  # [B, dim] the output head's modulation
+    grid: tuple[int, int, int]  # latent frames, token rows, token columns
+
+
 class MultiTalkTransformer3DModel(WanTransformer3DModel):
     r"""Wan2.1-I2V transformer with the MultiTalk audio branch.
 
@@ -344,6 +362,31 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         """
         if attention_kwargs:
             raise ValueError(f"attention_kwargs are not supported: {sorted(attention_kwargs)}")
+        inputs = self.embed(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            audio,
+            region_masks,
+            audio_streams,
+        )
+        output = self.finalize(self.run_blocks(inputs), inputs)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def embed(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor,
+        audio: torch.Tensor,
+        region_masks: torch.Tensor | None = None,
+        audio_streams: torch.Tensor | None = None,
+    ) -> BlockStackInputs:
+        """The first part of `forward` (same arguments): everything the block stack reads."""
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         grid = (num_frames // p_t, height // p_h, width // p_w)
@@ -380,23 +423,35 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             audio_key_labels = audio_labels(num_persons, tokens_per_person, audio.device)[None] * lrope_samples[:, None]
             region_values = token_region_masks(region_masks, grid[1:])
 
-        block_args = (audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples)
+        return BlockStackInputs(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep_proj=timestep_proj,
+            rotary_emb=rotary_emb,
+            block_args=(audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples),
+            temb=temb,
+            grid=grid,
+        )
+
+    def run_blocks(self, inputs: BlockStackInputs) -> torch.Tensor:
+        """The transformer blocks on `inputs.hidden_states`; returns the stack's output [B, L, dim]."""
+        hidden_states = inputs.hidden_states
+        fixed_args = (inputs.encoder_hidden_states, inputs.timestep_proj, inputs.rotary_emb, *inputs.block_args)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, *block_args
-                )
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, *fixed_args)
             else:
-                hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, *block_args)
+                hidden_states = block(hidden_states, *fixed_args)
+        return hidden_states
 
-        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+    def finalize(self, hidden_states: torch.Tensor, inputs: BlockStackInputs) -> torch.Tensor:
+        """The output head on the block stack's output: the velocity `[B, out_channels, T, H, W]`."""
+        p_t, p_h, p_w = self.config.patch_size
+        shift, scale = (self.scale_shift_table.to(inputs.temb.device) + inputs.temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)
-        hidden_states = hidden_states.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
-        output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        hidden_states = hidden_states.reshape(hidden_states.shape[0], *inputs.grid, p_t, p_h, p_w, -1)
+        return hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     @staticmethod
     def _stream_counts(

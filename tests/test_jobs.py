@@ -123,7 +123,7 @@ def test_unknown_field_is_rejected_naming_it(tmp_path):
 def test_boxes_for_only_some_persons_are_rejected():
     persons = [{"audio": "a.wav", "box": [0, 0, 10, 10]}, {"audio": "b.wav"}]
 
-    with pytest.raises(ValueError, match=r"persons: give a box for every person or for none"):
+    with pytest.raises(ValueError, match=r"persons: 2 audio streams but 1 person regions"):
         GenerationJob(image="a.png", persons=persons)
 
 

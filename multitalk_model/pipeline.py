@@ -1,0 +1,401 @@
+"""Generation: a reference image, one audio stream per person and a prompt -> a talking video with its sound.
+
+    pipeline = MultiTalkPipeline.from_model_dir("models/multitalk", device="cuda", dtype=torch.bfloat16)
+    result = pipeline.generate(load_job("job.json"), "video.mp4")
+
+Everything that can be wrong with a job (image, audio, boxes, lengths) is checked in `prepare` before any model
+runs. Sampling follows the reference MultiTalk pipeline: shifted flow-matching Euler steps, text + audio guidance,
+and in streaming mode clip after clip, each conditioned on the last motion frames of the previous one (re-noised
+and pasted into the latent at every step) and colour-matched to the reference image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.signal import resample_poly
+
+from .audio import (
+    SAMPLE_RATE,
+    VIDEO_FPS,
+    AudioError,
+    audio_windows,
+    compose_persons,
+    load_audio_track,
+    loudness_normalize,
+    mix_tracks,
+    to_mono_16k,
+)
+from .color import match_colors
+from .components import MultiTalkComponents, encode_image, encode_prompt, load_components, vae_decode, vae_encode
+from .faces import FaceDetector, build_face_detector
+from .config import get_preset
+from .guidance import TEACACHE_COEFFICIENTS, APGState, GuidanceScales, GuidedDenoiser, StepCache
+from .jobs import GenerationJob
+from .lora import merge_lora
+from .media import MediaError, load_image, write_video
+from .regions import (
+    Box,
+    draw_regions_preview,
+    locate_persons,
+    region_masks,
+    resize_and_center_crop,
+    target_size,
+    validate_box,
+)
+from .sampling import add_noise, euler_step, shifted_timesteps
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationError(ValueError):
+    """A job that cannot be generated; the message names the field and the problem."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller's cancellation check fired between two steps."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    clip: int  # 1-based
+    clips: int
+    step: int  # steps done in this clip
+    steps: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * ((self.clip - 1) * self.steps + self.step) / (self.clips * self.steps)
+
+
+@dataclass
+class PreparedJob:
+    """A validated job with its inputs decoded: what sampling needs, and nothing loaded twice."""
+
+    job: GenerationJob
+    image: np.ndarray  # resized and centre-cropped to (height, width), uint8 RGB
+    boxes: list[Box]  # person regions in source pixels
+    region_source: str  # "boxes", "faces", "faces+halves" or "halves"
+    masks: np.ndarray  # [P + 1, height, width] person regions then background, aligned with `image`
+    speech: list[np.ndarray]  # per person, 16 kHz mono at -23 LUFS, laid out by audio_type
+    mix: np.ndarray  # the original-quality mix [channels, samples] for the output
+    mix_rate: int
+    num_frames: int  # video frames the output will have
+
+    @property
+    def num_persons(self) -> int:
+        return len(self.speech)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    path: Path
+    num_frames: int
+    duration_s: float
+    clips: int
+    boxes: list[Box]
+    region_source: str
+    seconds: float
+    step_cache_skipped: float  # share of pass forwards the step cache skipped (0 without it)
+
+
+def plan_clips(num_frames: int, frame_num: int, motion_frames: int, streaming: bool) -> list[int]:
+    """Start frame of each clip: one clip, or clips advancing by frame_num - motion_frames until the audio ends."""
+    if not streaming:
+        return [0]
+    starts, stride = [0], frame_num - motion_frames
+    while starts[-1] + frame_num < num_frames:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+class MultiTalkPipeline:
+    def __init__(
+        self,
+        components: MultiTalkComponents,
+        device: str | torch.device = "cpu",
+        face_detector: FaceDetector | None = None,
+        low_memory: bool = False,
+        attention_backend: str | None = None,
+    ) -> None:
+        """low_memory keeps every component on the CPU and moves each to `device` only while it runs."""
+        self.components = components
+        self.device = torch.device(device)
+        self.low_memory = low_memory
+        self._face_detector = face_detector
+        if attention_backend is not None:
+            components.transformer.set_attention_backend(attention_backend)
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        loras: list[tuple[str | Path, float]] = (),
+        **kwargs,
+    ) -> MultiTalkPipeline:
+        """Loads a model directory (see components.py); LoRAs are merged into the transformer weights."""
+        low_memory = kwargs.get("low_memory", False)
+        components = load_components(model_dir, device="cpu" if low_memory else device, dtype=dtype)
+        for path, scale in loras:
+            merge_lora(components.transformer, path, scale)
+        return cls(components, device=device, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- validation
+
+    def prepare(self, job: GenerationJob) -> PreparedJob:
+        """Checks and decodes every input of a job; raises GenerationError naming the field before any model work."""
+        try:
+            source = load_image(job.image)
+        except MediaError as error:
+            raise GenerationError(f"image: {error}") from None
+        source_hw = source.shape[:2]
+        num_persons = len(job.persons)
+
+        if all(person.box is not None for person in job.persons):
+            boxes = [person.box for person in job.persons]
+            for index, box in enumerate(boxes):
+                try:
+                    validate_box(box, source_hw, f"persons.{index}.box")
+                except ValueError as error:
+                    raise GenerationError(str(error)) from None
+            region_source = "boxes"
+        elif num_persons == 1:
+            boxes, region_source = [(0.0, 0.0, float(source_hw[1]), float(source_hw[0]))], "whole image"
+        else:
+            boxes, region_source = locate_persons(source, num_persons, self.face_detector)
+            if region_source != "faces":
+                logger.warning("person regions for %s: %s (face detection did not find every person)", job.image, region_source)
+
+        height, width = job.resolution or target_size(*source_hw, job.size)
+        image = resize_and_center_crop(source, (height, width))
+        masks = region_masks(boxes, source_hw) if num_persons > 1 else np.ones((2, *source_hw), np.float32)
+        masks = np.stack([resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks])
+
+        originals, speech = [], []
+        for index, person in enumerate(job.persons):
+            try:
+                samples, rate = load_audio_track(person.audio)
+            except AudioError as error:
+                raise GenerationError(f"persons.{index}.audio: {error}") from None
+            originals.append((samples, rate))
+            speech.append(loudness_normalize(to_mono_16k(samples, rate)))
+        speech = compose_persons(speech, job.audio_type)
+        mix, mix_rate = _original_mix(originals, job.audio_type)
+
+        num_frames = int(len(speech[0]) / SAMPLE_RATE * VIDEO_FPS)
+        if job.mode == "clip":
+            num_frames = min(num_frames, job.frame_num)
+        num_frames = min(num_frames, int(job.max_duration_s * VIDEO_FPS))
+        if num_frames < 1:
+            raise GenerationError(f"persons: the audio lasts {len(speech[0]) / SAMPLE_RATE:.3f} s, less than one frame")
+        return PreparedJob(job, image, boxes, region_source, masks, speech, mix, mix_rate, num_frames)
+
+    @property
+    def face_detector(self) -> FaceDetector:
+        if self._face_detector is None:
+            self._face_detector = build_face_detector("auto")
+        return self._face_detector
+
+    # ------------------------------------------------------------------------------------------------ sampling
+
+    def generate(
+        self,
+        job: GenerationJob,
+        out_path: str | Path,
+        progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        preview_path: str | Path | None = None,
+    ) -> GenerationResult:
+        """Generates the video of a job into out_path (mp4, 25 fps, H.264 + AAC of the original audio mix)."""
+        start = time.perf_counter()
+        prepared = self.prepare(job)
+        if preview_path is not None:
+            draw_regions_preview(load_image(job.image), prepared.boxes, preview_path)
+        frames, skipped = self.sample(prepared, progress, cancelled)
+        samples = round(len(frames) / VIDEO_FPS * prepared.mix_rate)
+        path = write_video(out_path, frames, VIDEO_FPS, prepared.mix[:, :samples], prepared.mix_rate)
+        clips = len(plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming"))
+        return GenerationResult(
+            path=Path(path),
+            num_frames=len(frames),
+            duration_s=len(frames) / VIDEO_FPS,
+            clips=clips,
+            boxes=prepared.boxes,
+            region_source=prepared.region_source,
+            seconds=time.perf_counter() - start,
+            step_cache_skipped=skipped,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prepared: PreparedJob,
+        progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped."""
+        job, c = prepared.job, self.components
+        device = self.device
+        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
+        audio = self._audio_features(prepared, starts[-1] + job.frame_num)
+        with self._on_device(c.text_encoder):
+            text, negative_text = encode_prompt(c, [job.prompt, job.negative_prompt], device).split(1)
+        masks = self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None
+        timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(device)
+        scales = GuidanceScales(text=job.text_guidance, audio=job.audio_guidance)
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        height, width = prepared.image.shape[:2]
+        latent_shape = (16, (job.frame_num - 1) // 4 + 1, height // 8, width // 8)
+
+        condition = torch.tensor(prepared.image).permute(2, 0, 1)[:, None].float() / 127.5 - 1  # [3, 1, H, W]
+        frames: list[np.ndarray] = []
+        cache_computed = cache_skipped = 0
+        for clip_index, clip_start in enumerate(starts):
+            first = clip_index == 0
+            motion = condition.shape[1]
+            with self._on_device(c.image_encoder):
+                image_states = encode_image(c, _to_uint8(condition[:, -1]))
+            with self._on_device(c.vae):
+                padded = F.pad(condition, (0, 0, 0, 0, 0, job.frame_num - motion))
+                condition_latent = vae_encode(c, padded[None].to(device))
+                motion_latent = None if first else vae_encode(c, condition[None].to(device))
+            y = torch.cat([_condition_mask(motion, job.frame_num, *latent_shape[2:]).to(device), condition_latent], 1)
+
+            step_cache = StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
+            denoiser = GuidedDenoiser(
+                c.transformer,
+                scales,
+                text,
+                negative_text,
+                image_states.to(device),
+                audio[:, :, clip_start : clip_start + job.frame_num].to(device),
+                masks,
+                apg=APGState() if job.use_apg else None,
+                step_cache=step_cache,
+            )
+            latent = torch.randn(1, *latent_shape, generator=generator).to(device)
+            with self._on_device(c.transformer):
+                latent = self._paste_motion(latent, motion_latent, timesteps[0], generator)
+                for step in range(job.steps):
+                    if cancelled is not None and cancelled():
+                        raise GenerationCancelled(f"cancelled at clip {clip_index + 1}, step {step + 1}")
+                    velocity = denoiser(torch.cat([latent, y.to(latent.dtype)], 1), timesteps[step])
+                    latent = euler_step(latent, velocity, timesteps[step], timesteps[step + 1])
+                    latent = self._paste_motion(latent, motion_latent, timesteps[step + 1], generator)
+                    if progress is not None:
+                        progress(Progress(clip_index + 1, len(starts), step + 1, job.steps))
+            if step_cache is not None:
+                cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
+
+            with self._on_device(c.vae):
+                video = vae_decode(c, latent)[0].float().clamp(-1, 1).cpu()  # [3, F, H, W]
+            clip_frames = _to_uint8(video.permute(1, 2, 3, 0))
+            if job.color_correction > 0:
+                clip_frames = match_colors(clip_frames, prepared.image, job.color_correction)
+            frames.append(clip_frames if first else clip_frames[motion:])
+            condition = torch.from_numpy(clip_frames[-job.motion_frames :]).permute(3, 0, 1, 2).float() / 127.5 - 1
+        total = cache_computed + cache_skipped
+        return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
+
+    def _cache_coefficients(self, job: GenerationJob) -> tuple[float, ...] | None:
+        """The reference's fitted TeaCache polynomial for the 14B model at this size; raw change for other models."""
+        if self.components.config != get_preset("multitalk-14b"):
+            return None
+        return TEACACHE_COEFFICIENTS["multitalk-480" if job.size == "480p" else "multitalk-720"]
+
+    def _audio_features(self, prepared: PreparedJob, frames_needed: int) -> torch.Tensor:
+        """[1, P, frames_needed, window, layers, channels]: wav2vec features per person, past the audio's end reflected."""
+        c = self.components
+        speech_frames = int(len(prepared.speech[0]) / SAMPLE_RATE * VIDEO_FPS)
+        # A clip longer than the audio still needs features for every frame: audio shorter than one clip is padded
+        # with silence, not rejected.
+        minimum = math.ceil(prepared.job.frame_num / VIDEO_FPS * SAMPLE_RATE)
+        features = []
+        with self._on_device(c.audio_encoder.model):
+            for track in prepared.speech:
+                track = np.pad(track, (0, max(0, minimum - len(track))))
+                frames = max(speech_frames, int(len(track) / SAMPLE_RATE * VIDEO_FPS))
+                encoded = c.audio_encoder(track, frames)
+                features.append(audio_windows(_reflect_to(encoded, frames_needed), c.config.audio_window))
+        return torch.stack(features)[None].to(self.components.transformer.dtype)
+
+    def _latent_masks(self, masks: np.ndarray) -> torch.Tensor:
+        """Pixel masks [P + 1, H, W] -> the latent grid [1, P + 1, H / 8, W / 8] (nearest, as the reference)."""
+        pixels = torch.from_numpy(masks)[None].float()
+        return F.interpolate(pixels, scale_factor=1 / 8, mode="nearest").to(self.device)
+
+    @staticmethod
+    def _paste_motion(latent, motion_latent, t, generator) -> torch.Tensor:
+        """Overwrites the motion frames' latents with their clean latents re-noised to time t."""
+        if motion_latent is None:
+            return latent
+        noise = torch.randn(motion_latent.shape, generator=generator).to(latent)
+        latent = latent.clone()
+        latent[:, :, : motion_latent.shape[2]] = add_noise(motion_latent.to(latent), noise, t)
+        return latent
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
+        """In low-memory mode, moves a component to the device for the duration of its work, then back."""
+        if not self.low_memory:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _original_mix(originals: list[tuple[np.ndarray, int]], audio_type: str) -> tuple[np.ndarray, int]:
+    """The persons' original tracks laid out like the speech, at the highest rate and channel count among them."""
+    rate = max(r for _, r in originals)
+    channels = max(samples.shape[0] for samples, _ in originals)
+    tracks = []
+    for samples, track_rate in originals:
+        if track_rate != rate:
+            divisor = math.gcd(rate, track_rate)
+            samples = resample_poly(samples, rate // divisor, track_rate // divisor, axis=1).astype(np.float32)
+        if samples.shape[0] < channels:
+            samples = np.repeat(samples[:1], channels, axis=0)
+        tracks.append(samples)
+    mix = mix_tracks(compose_persons(tracks, audio_type))
+    peak = np.abs(mix).max(initial=0.0)
+    return (mix / peak if peak > 1.0 else mix), rate  # simultaneous speakers may sum past full scale
+
+
+def _reflect_to(features: torch.Tensor, frames: int) -> torch.Tensor:
+    """Extends [T, ...] features to `frames` by reflecting the end, as the reference pads the last clip."""
+    while features.shape[0] < frames:
+        missing = frames - features.shape[0]
+        features = torch.cat([features, features.flip(0)[:missing]])
+    return features[:frames]
+
+
+def _condition_mask(condition_frames: int, frame_num: int, height: int, width: int) -> torch.Tensor:
+    """The 4 mask channels of the I2V condition: 1 on the conditioning frames, [1, 4, T, h, w] as the reference."""
+    mask = torch.zeros(1, frame_num, height, width)
+    mask[:, :condition_frames] = 1
+    # The first frame stands for a whole latent frame: repeat it 4 times, then fold 4 frames per latent frame.
+    mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)
+    return mask.view(1, -1, 4, height, width).transpose(1, 2)
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels in [-1, 1] (channels last, or [3, H, W]) -> uint8, channels last."""
+    if pixels.ndim == 3 and pixels.shape[0] == 3:
+        pixels = pixels.permute(1, 2, 0)
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
