@@ -213,3 +213,18 @@ def test_synthesized_speech_is_deterministic_with_syllables_and_pauses():
     spectrum = np.abs(np.fft.rfft(envelope))
     frequencies = np.fft.rfftfreq(len(envelope), d=0.01)
     assert 2.0 < frequencies[1:][spectrum[1:].argmax()] < 8.0  # the syllable rhythm
+
+
+def test_batched_encoding_equals_encoding_each_wave_alone(tiny_encoder):
+    waves = [synthesize_speech(1.32, seed=seed) for seed in (0, 1, 2)]
+
+    batched = tiny_encoder.encode_batch(waves, num_frames=33)
+
+    assert batched.shape[:2] == (3, 33)
+    for wave, features in zip(waves, batched):
+        torch.testing.assert_close(features, tiny_encoder(wave, num_frames=33), rtol=1e-4, atol=1e-5)
+
+
+def test_batched_encoding_rejects_waves_of_different_lengths(tiny_encoder):
+    with pytest.raises(ValueError, match="one length"):
+        tiny_encoder.encode_batch([np.zeros(16000), np.zeros(8000)], num_frames=10)

@@ -1,0 +1,155 @@
+"""The curation run's configuration: a YAML file validated into typed models; a bad value fails naming its field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines.schema import Kind
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClipsConfig(_Section):
+    frame_num: int = Field(default=81, description="frames per clip at 25 fps (4n + 1)")
+    stride: int | None = Field(default=None, ge=1, description="frames between window starts (default: frame_num)")
+    resolution: Literal["480p", "720p"] = Field(default="480p", description="bucket family of the clip's size")
+    crf: int = Field(default=23, ge=0, le=51, description="H.264 quality of the clip's mp4")
+    shot_threshold: float = Field(
+        default=0.25, gt=0, le=1, description="colour-histogram distance (0..1) between frames that counts as a cut"
+    )
+
+    @field_validator("frame_num")
+    @classmethod
+    def _four_n_plus_one(cls, value: int) -> int:
+        if value < 5 or value % 4 != 1:
+            raise ValueError(f"must be 4n + 1 and at least 5 (the VAE's temporal stride), got {value}")
+        return value
+
+
+class FacesConfig(_Section):
+    detector: Literal["auto", "mtcnn", "haar", "insightface"] = Field(
+        default="auto", description="face detector; auto = insightface when a pack is given, else MTCNN"
+    )
+    insightface_pack: str | None = Field(default=None, description="local insightface model pack directory")
+    detect_every: int = Field(default=8, ge=1, description="frames between two face detections")
+    detect_max_side: int = Field(default=320, ge=64, description="longest side of the frames faces are detected on")
+    min_face_size: int = Field(default=40, ge=12, description="smallest face (pixels at detect_max_side) detected")
+    track_iou: float = Field(default=0.3, gt=0, lt=1, description="IoU that links a detection to a track")
+    min_track_coverage: float = Field(
+        default=0.8, gt=0, le=1, description="fraction of detections a track needs to count as a person"
+    )
+    min_face_fraction: float = Field(default=0.1, ge=0, lt=1, description="smallest face height / clip height")
+    min_stability: float = Field(default=0.5, ge=0, le=1, description="smallest mean IoU of a track between detections")
+    num_actors: int = Field(default=1, ge=1, description="face detector actors")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per face detector actor")
+
+
+class AudioConfig(_Section):
+    silence_dbfs: float = Field(default=-60.0, description="a source whose audio RMS is below this is silent")
+    vad_threshold: float = Field(default=0.5, gt=0, lt=1, description="Silero VAD speech probability threshold")
+    min_speech_s: float = Field(default=0.5, ge=0, description="voice activity a clip needs (single and dual)")
+
+
+class SpeakersConfig(_Section):
+    still_motion: float = Field(
+        default=1.0, gt=0, description="mouth motion (grey levels) below which a face is taken as not speaking"
+    )
+    smooth_frames: int = Field(default=9, ge=1, description="moving-average window of the mouth motion, frames")
+    min_speaking_s: float = Field(default=0.4, ge=0, description="speech a person needs to count as bound")
+    min_binding_confidence: float = Field(default=0.2, ge=0, le=1, description="lowest binding confidence kept")
+
+
+class SyncConfig(_Section):
+    max_offset_frames: int = Field(default=5, ge=0, description="largest audio-visual offset searched, frames")
+    min_confidence: float = Field(default=0.0, ge=-1, le=1, description="lowest sync score kept (single and dual)")
+
+
+class AsrConfig(_Section):
+    model_path: str | None = Field(
+        default=None, description="faster-whisper (CTranslate2) model directory; word timings are added when set"
+    )
+    language: str | None = Field(default=None, description="spoken language code (default: detected per clip)")
+    compute_type: str = Field(default="int8", description="CTranslate2 compute type (int8, float16, float32, ...)")
+    num_actors: int = Field(default=1, ge=1, description="ASR actors")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per ASR actor")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per ASR actor (0: run on CPU)")
+
+
+class Wav2VecConfig(_Section):
+    model_path: str | None = Field(default=None, description="wav2vec2 checkpoint directory (chinese-wav2vec2-base)")
+    batch_size: int = Field(default=8, ge=1, description="clips per wav2vec2 batch")
+    num_actors: int = Field(default=1, ge=1, description="wav2vec2 actors")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per wav2vec2 actor")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per wav2vec2 actor (0: run on CPU)")
+
+
+class ShardsConfig(_Section):
+    size: int = Field(default=64, ge=1, description="most clips per shard")
+
+
+class CurationConfig(_Section):
+    input: str | None = Field(default=None, description="folder/URI of videos, or a manifest (.jsonl/.csv/.parquet)")
+    output: str | None = Field(default=None, description="folder/URI the shards, manifest and report are written to")
+    default_kind: Kind = Field(default="single", description="corpus kind of videos listed from a folder")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address or auto (default: RAY_ADDRESS, else a local Ray)"
+    )
+    local_num_cpus: int = Field(default=2, ge=1, description="CPUs of the embedded local Ray")
+    clips: ClipsConfig = Field(default_factory=ClipsConfig, description="windows and encoding")
+    faces: FacesConfig = Field(default_factory=FacesConfig, description="detection and tracking")
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="loudness and voice activity")
+    speakers: SpeakersConfig = Field(default_factory=SpeakersConfig, description="speech-to-face binding")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="audio-visual sync")
+    asr: AsrConfig = Field(default_factory=AsrConfig, description="word timings (optional)")
+    wav2vec: Wav2VecConfig = Field(default_factory=Wav2VecConfig, description="audio features")
+    shards: ShardsConfig = Field(default_factory=ShardsConfig, description="webdataset shards")
+
+
+def load_config(path: str | os.PathLike, **overrides: str | None) -> CurationConfig:
+    """Read and validate a YAML config; non-None `overrides` (input, output) replace top-level fields."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the config ({error})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        config = CurationConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc'])}: {issue['msg']}" for issue in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from error
+    required = {"input": config.input, "output": config.output, "wav2vec.model_path": config.wav2vec.model_path}
+    for field, value in required.items():
+        if not value:
+            raise ConfigError(f"{path}: {field}: required (in the config or on the command line)")
+    # Workers may run in another directory: relative local paths are taken from where the run starts.
+    config.input, config.output = _absolute(config.input), _absolute(config.output)
+    config.wav2vec.model_path = _absolute(config.wav2vec.model_path)
+    if not Path(config.wav2vec.model_path).is_dir():
+        raise ConfigError(f"{path}: wav2vec.model_path: {config.wav2vec.model_path} is not a directory")
+    if config.faces.insightface_pack:
+        config.faces.insightface_pack = _absolute(config.faces.insightface_pack)
+    if config.asr.model_path:
+        config.asr.model_path = _absolute(config.asr.model_path)
+        if not Path(config.asr.model_path).is_dir():
+            raise ConfigError(f"{path}: asr.model_path: {config.asr.model_path} is not a directory")
+    return config
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else str(Path(location).expanduser().resolve())

@@ -1,0 +1,178 @@
+"""The curated sample format, defined once: webdataset member keys, the per-clip json metadata, shard names, and
+the columns of manifest.parquet and rejects.parquet. Training reads the corpus through these definitions."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import StrEnum
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+Kind = Literal["single", "multi_event", "dual"]
+KINDS: tuple[str, ...] = ("single", "multi_event", "dual")
+SAMPLE_FPS = 25  # every clip is resampled to the model's frame rate
+AUDIO_RATE = 16000  # per-person audio and wav2vec input
+
+# Members of one sample in a shard (the webdataset "extension" after the clip id).
+MP4_KEY = "mp4"
+JSON_KEY = "json"
+WAV2VEC_KEY = "wav2vec.npy"
+
+MANIFEST_FILE = "manifest.parquet"
+REJECTS_FILE = "rejects.parquet"
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+
+_SHARD_NAME = re.compile(r"^(?P<kind>single|multi_event|dual)-(?P<index>\d{6})\.tar$")
+
+
+def person_audio_key(person: int) -> str:
+    """The member holding person `person`'s gated 16 kHz mono audio."""
+    return f"person{person}.flac"
+
+
+def shard_name(kind: str, index: int) -> str:
+    """`{kind}-{index:06d}.tar`, the committed name of a shard."""
+    return f"{kind}-{index:06d}.tar"
+
+
+def parse_shard_name(name: str) -> tuple[str, int] | None:
+    """(kind, index) of a committed shard's file name, or None for any other file."""
+    match = _SHARD_NAME.match(name)
+    return (match["kind"], int(match["index"])) if match else None
+
+
+def clip_id(source_hash: str, start_frame: int, num_frames: int) -> str:
+    """A clip's id from its content: the source file's hash and its window at 25 fps (stable across reruns)."""
+    window = f"{source_hash}:{start_frame}:{num_frames}@{SAMPLE_FPS}"
+    return hashlib.sha256(window.encode()).hexdigest()[:24]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PersonMetadata(_Strict):
+    """One person of a clip, in the order of the audio streams (left to right)."""
+
+    bbox_xyxy: list[float] = Field(description="face box on the first frame, clip pixels")
+    track: list[list[float]] = Field(description="face box on every frame, clip pixels")
+    speaking_s: float = Field(description="seconds of speech bound to this person")
+    binding_confidence: float | None = Field(description="how clearly the speech was bound to this face (0..1)")
+    sync_confidence: float | None = Field(default=None, description="audio-visual sync score")
+    sync_offset: int | None = Field(default=None, description="audio lag of the best sync, in frames")
+
+
+class Word(_Strict):
+    """One recognised word (when the run has an ASR model)."""
+
+    word: str
+    start_s: float = Field(description="start in the clip")
+    end_s: float = Field(description="end in the clip")
+    probability: float
+    person: int | None = Field(description="the person whose speech holds the word's middle, if any")
+
+
+class Scores(_Strict):
+    """Clip-level scores; every one is a manifest column (None where it does not apply to the kind)."""
+
+    face_size: float | None = Field(default=None, description="smallest person's median face height / clip height")
+    face_stability: float | None = Field(default=None, description="lowest mean IoU of a track between detections")
+    motion: float | None = Field(default=None, description="mean mouth-region motion of the persons (grey levels)")
+    loudness_lufs: float | None = Field(default=None, description="integrated loudness of the clip's audio")
+    speech_s: float | None = Field(default=None, description="seconds of voice activity in the clip")
+    binding_confidence: float | None = Field(default=None, description="lowest binding confidence of the persons")
+    sync_confidence: float | None = Field(default=None, description="lowest sync score of the persons")
+    sync_offset: float | None = Field(default=None, description="mean sync offset of the persons, in frames")
+
+
+class ClipMetadata(_Strict):
+    """The `json` member of a sample."""
+
+    kind: Kind
+    source: str
+    source_hash: str
+    start_s: float = Field(description="start of the clip in the source")
+    end_s: float = Field(description="end of the clip in the source")
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    caption: str | None
+    caption_source: Literal["manifest", "none"]
+    persons: list[PersonMetadata]
+    scores: Scores
+    words: list[Word] = Field(default_factory=list, description="ASR word timings (empty without an ASR model)")
+
+
+_MANIFEST_BASE = [
+    ("clip_id", pa.string()),
+    ("shard", pa.string()),
+    ("kind", pa.string()),
+    ("source", pa.string()),
+    ("source_hash", pa.string()),
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("num_frames", pa.int32()),
+    ("fps", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("n_person", pa.int32()),
+    ("caption", pa.string()),
+    ("caption_source", pa.string()),
+]
+MANIFEST_SCHEMA = pa.schema(_MANIFEST_BASE + [(name, pa.float64()) for name in Scores.model_fields])
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("input", pa.string()),
+        ("clip_id", pa.string()),  # null when the whole input was rejected
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("kind", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+class RejectReason(StrEnum):
+    """Why an input or a clip was dropped (the `reason` column of rejects.parquet)."""
+
+    UNREADABLE = "unreadable"
+    NO_AUDIO_TRACK = "no audio track"
+    SILENT_AUDIO = "silent audio track"
+    TOO_SHORT = "too short"
+    FACE_COUNT = "face count"
+    SMALL_FACE = "small face"
+    UNSTABLE_FACE = "unstable face"
+    NO_SPEECH = "no speech"
+    SPEAKER_NOT_BOUND = "speaker not bound"
+    LOW_SYNC = "low sync"
+    NO_CAPTION = "no caption"
+    ERROR = "error"
+
+
+def manifest_row(metadata: ClipMetadata, clip: str, shard: str) -> dict:
+    """One manifest.parquet row: the clip's metadata flattened, its scores as columns."""
+    return {
+        "clip_id": clip,
+        "shard": shard,
+        "kind": metadata.kind,
+        "source": metadata.source,
+        "source_hash": metadata.source_hash,
+        "start_s": metadata.start_s,
+        "end_s": metadata.end_s,
+        "num_frames": metadata.num_frames,
+        "fps": metadata.fps,
+        "width": metadata.width,
+        "height": metadata.height,
+        "n_person": len(metadata.persons),
+        "caption": metadata.caption,
+        "caption_source": metadata.caption_source,
+        **metadata.scores.model_dump(),
+    }

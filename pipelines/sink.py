@@ -1,0 +1,197 @@
+"""Writing the corpus exactly once: workers write each shard under a hidden temporary name; the driver alone
+renames it to its numbered name and records its clips; the manifest (and rejects table) is committed last.
+
+A killed run leaves committed shards and hidden partial files. The next run deletes the partial files, recovers
+the clips of every committed shard (from the manifest, or from the shards' json where the manifest had not been
+committed yet) and skips them, so the final shards and manifest hold every clip exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.record import Clip
+from pipelines.schema import (
+    JSON_KEY,
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA,
+    REJECTS_FILE,
+    REJECTS_SCHEMA,
+    ClipMetadata,
+    manifest_row,
+    parse_shard_name,
+    shard_name,
+)
+from pipelines.storage import resolve, write_atomically
+
+logger = logging.getLogger(__name__)
+
+_PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass
+class WrittenShard:
+    """A shard a worker wrote under a temporary name, waiting for the driver to commit it."""
+
+    kind: str
+    temporary_path: str
+    metadata: dict[str, bytes]  # clip id -> json member
+
+
+def _tar_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed mtime: the same clips give the same bytes
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _shard_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for key, members in samples:
+            for extension in sorted(members):
+                _tar_member(archive, f"{key}.{extension}", members[extension])
+    return buffer.getvalue()
+
+
+def _read_samples(data: bytes) -> dict[str, dict[str, bytes]]:
+    """clip id -> {extension: bytes} of a shard."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as archive:
+        for member in archive:
+            key, _, extension = member.name.partition(".")
+            samples.setdefault(key, {})[extension] = archive.extractfile(member).read()
+    return samples
+
+
+class ShardWriter:
+    """map_batches task: writes a batch's accepted clips into one temporary shard per kind; passes rejects on."""
+
+    name = "write"
+    num_cpus = 0.5
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fs, root = resolve(self.output)
+        by_kind: dict[str, list[Clip]] = {}
+        results: list[object] = []
+        for clip in batch["clip"]:
+            if clip.rejected:
+                results.append(clip.reject_row())
+            else:
+                by_kind.setdefault(clip.kind, []).append(clip)
+        for kind, clips in by_kind.items():
+            temporary = f"{root}/.{kind}-{uuid.uuid4().hex}.tar{_PARTIAL_SUFFIX}"
+            with fs.open_output_stream(temporary) as stream:
+                stream.write(_shard_bytes([(clip.clip_id, clip.sample) for clip in clips]))
+            metadata = {clip.clip_id: clip.sample[JSON_KEY] for clip in clips}
+            results.append(WrittenShard(kind=kind, temporary_path=temporary, metadata=metadata))
+        output = np.empty(len(results), dtype=object)
+        output[:] = results
+        return {"result": output}
+
+
+class CorpusSink:
+    """The driver's side: recovers what earlier runs committed, commits shards in order, writes the tables."""
+
+    def __init__(self, output: str) -> None:
+        self.fs, self.root = resolve(output)
+        self.fs.create_dir(self.root, recursive=True)
+        self.manifest: dict[str, dict] = {}  # clip id -> manifest row
+        self.rejects: list[dict] = []
+        self.next_index: dict[str, int] = {}
+        self.committed_shards = 0
+        self._recover()
+
+    @property
+    def done_clip_ids(self) -> frozenset[str]:
+        return frozenset(self.manifest)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _file_names(self) -> set[str]:
+        files = self.fs.get_file_info(pafs.FileSelector(self.root))
+        return {file.base_name for file in files if file.type == pafs.FileType.File}
+
+    def _delete_partial_files(self) -> None:
+        """Shards whose writer or driver died before the commit; their clips are written again."""
+        for name in self._file_names():
+            if name.startswith(".") and name.endswith(_PARTIAL_SUFFIX):
+                self.fs.delete_file(self._path(name))
+
+    def _recover(self) -> None:
+        self._delete_partial_files()
+        names = self._file_names()
+        if MANIFEST_FILE in names:
+            for row in pq.read_table(self._path(MANIFEST_FILE), filesystem=self.fs).to_pylist():
+                self.manifest[row["clip_id"]] = row
+        if REJECTS_FILE in names:
+            self.rejects = pq.read_table(self._path(REJECTS_FILE), filesystem=self.fs).to_pylist()
+        listed = {row["shard"] for row in self.manifest.values()}
+        for name in sorted(names):
+            parsed = parse_shard_name(name)
+            if parsed is None:
+                continue
+            kind, index = parsed
+            self.next_index[kind] = max(self.next_index.get(kind, 0), index + 1)
+            if name not in listed:
+                # Committed after the last manifest: its clips are done all the same.
+                with self.fs.open_input_stream(self._path(name)) as stream:
+                    samples = _read_samples(stream.read())
+                for key, members in samples.items():
+                    self.manifest[key] = manifest_row(ClipMetadata.model_validate_json(members[JSON_KEY]), key, name)
+        if self.manifest:
+            logger.info("resuming: %d clips already committed in %s", len(self.manifest), self.root)
+
+    def commit(self, shard: WrittenShard) -> None:
+        """Give a temporary shard its numbered name and record its clips (clips already committed are dropped)."""
+        fresh = {key: meta for key, meta in shard.metadata.items() if key not in self.manifest}
+        if not fresh:
+            self.fs.delete_file(shard.temporary_path)
+            return
+        if len(fresh) < len(shard.metadata):
+            # The same content listed twice (a copied file) gives the same clip ids: keep the first copy only.
+            with self.fs.open_input_stream(shard.temporary_path) as stream:
+                samples = _read_samples(stream.read())
+            with self.fs.open_output_stream(shard.temporary_path) as stream:
+                stream.write(_shard_bytes([(key, samples[key]) for key in fresh]))
+        index = self.next_index.get(shard.kind, 0)
+        name = shard_name(shard.kind, index)
+        self.fs.move(shard.temporary_path, self._path(name))
+        self.next_index[shard.kind] = index + 1
+        for key, meta in fresh.items():
+            self.manifest[key] = manifest_row(ClipMetadata.model_validate_json(meta), key, name)
+        self.committed_shards += 1
+        logger.info("committed %s (%d clips; %d clips in the corpus)", name, len(fresh), len(self.manifest))
+
+    def reject(self, row: dict) -> None:
+        self.rejects.append(row)
+
+    def finish(self) -> tuple[pa.Table, pa.Table]:
+        """Write rejects.parquet, then manifest.parquet last; return both tables."""
+        self._delete_partial_files()  # from workers killed during this run (their tasks were retried)
+        unique: dict[tuple, dict] = {}
+        for row in self.rejects:
+            # A rerun rejects the same inputs again; a clip rejected once and committed later is no reject.
+            if row["clip_id"] not in self.manifest:
+                unique[(row["input"], row["clip_id"], row["stage"], row["reason"])] = row
+        rejects = pa.Table.from_pylist(list(unique.values()), schema=REJECTS_SCHEMA)
+        manifest = pa.Table.from_pylist(
+            sorted(self.manifest.values(), key=lambda row: (row["shard"], row["clip_id"])), schema=MANIFEST_SCHEMA
+        )
+        for name, table in ((REJECTS_FILE, rejects), (MANIFEST_FILE, manifest)):
+            buffer = pa.BufferOutputStream()
+            pq.write_table(table, buffer)
+            write_atomically(self.fs, self._path(name), buffer.getvalue().to_pybytes())
+        return manifest, rejects

@@ -1,0 +1,1 @@
+"""The curation stages, one per file, each a plain callable class with its Ray resources declared beside it."""
