@@ -8,12 +8,21 @@ model directory, through the same pipeline and job schema as `python -m multital
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import skimage.data
 import torch
+import yaml
 from PIL import Image
 
 from multitalk_model.accounting import forward_flops, parameter_counts
@@ -25,6 +34,10 @@ from multitalk_model.jobs import GenerationJob, PersonInput
 from multitalk_model.pipeline import MultiTalkPipeline
 from multitalk_model.regions import default_halves, region_masks
 from multitalk_model.synth import synthesize_speech, write_wav
+from pipelines.sample_data import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def step(title: str) -> None:
@@ -97,6 +110,66 @@ def generate_video(out: Path) -> Path:
     return result.path
 
 
+@contextlib.contextmanager
+def local_ray_cluster(num_cpus: int = 2) -> Iterator[str]:
+    """A real local Ray cluster (`ray start --head`), stopped on exit; yields the job-submission address.
+
+    `--block` keeps `ray start` in the foreground, so stopping it stops exactly this cluster and nothing else that
+    may run Ray on the machine.
+    """
+    ports = [_free_port() for _ in range(2)]
+    env = _ray_env()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
+         "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    address = f"http://127.0.0.1:{ports[1]}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the local Ray cluster did not start (run `ray start --head` by hand to see why)")
+            time.sleep(2)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def curate(out: Path, address: str) -> Path:
+    step("5. curation on Ray Data: `ray job submit ... pipelines/curate.py` on a local Ray cluster")
+    data = out / "demo_data"
+    manifest = write_corpus(data)
+    print(f"   corpus the project made itself: {manifest}")
+    # The job runs in an uploaded copy of this folder: give it absolute paths to the demo data and the output.
+    config = yaml.safe_load((ROOT / "pipelines/configs/demo.yaml").read_text())
+    config.update(input=str(manifest), output=str(out / "curation"))
+    config["wav2vec"]["model_path"] = str(data / "wav2vec2-tiny")
+    config_path = out / "curation.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         "python", "pipelines/curate.py", "--config", str(config_path)],
+        env=_ray_env(), check=True,
+    )
+    summary = json.loads((out / "curation" / "summary.json").read_text())
+    print(f"   {summary}")
+    print(f"   report: {out / 'curation' / 'report.html'}")
+    return out / "curation"
+
+
+def _ray_env() -> dict[str, str]:
+    # The job's `python` and Ray's workers must be this environment's.
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
@@ -106,6 +179,8 @@ def main() -> None:
     np.random.seed(0)
     transformer_forward(out)
     generate_video(out)
+    with local_ray_cluster() as address:
+        curate(out, address)
     print(f"\nDemo finished; outputs in {out}")
 
 
