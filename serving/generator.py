@@ -1,0 +1,141 @@
+"""The generator deployment: each replica holds the model on its devices and runs jobs one at a time.
+
+A job runs in a worker thread (the replica keeps answering health checks and the dispatcher meanwhile): its inputs
+come from the storage, every step's progress goes to the job store, whose answer tells the run whether to go on
+(a cancellation, or a newer attempt of the same job after a restart, stops it between two steps), and the video
+goes back to the storage before the job is marked succeeded, so a succeeded job always has its content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from ray import serve
+
+from multitalk_model.faces import build_face_detector
+from multitalk_model.jobs import GenerationJob
+from multitalk_model.pipeline import GenerationCancelled, GenerationError, GenerationResult, MultiTalkPipeline, Progress
+
+from .config import ServingConfig
+from .device_group import DeviceGroup
+from .storage import VIDEO_NAME, Storage, job_file
+from .store import JobState, JobStore, StepProgress
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What generates a job on a replica's devices: MultiTalkPipeline on one device, a device group on several."""
+
+    def generate(
+        self,
+        job: GenerationJob,
+        out_path: str | Path,
+        progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        preview_path: str | Path | None = None,
+    ) -> GenerationResult: ...
+
+
+def build_runner(config: ServingConfig) -> Runner:
+    """The runner of one replica: the pipeline itself on one device, or a device group sharding each job over K."""
+    if config.devices_per_replica > 1:
+        # The group places its K rank actors in a STRICT_PACK placement group next to this replica (which then
+        # reserves no device of its own: set generator.num_gpus 0 and, on a CPU laptop, num_cpus 0).
+        return DeviceGroup(
+            config.model_dir,
+            config.devices_per_replica,
+            mode=config.parallel_mode,
+            use_gpu=config.device == "cuda",
+            face_detector=config.face_detector,
+            dtype=getattr(torch, config.dtype),
+        )
+    return MultiTalkPipeline.from_model_dir(
+        config.model_dir,
+        device=config.device,
+        dtype=getattr(torch, config.dtype),
+        face_detector=build_face_detector(config.face_detector),
+    )
+
+
+def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Path) -> GenerationJob:
+    """The stored job with its input files fetched from the storage into work_dir."""
+    job = GenerationJob.model_validate(spec)
+    for name in [job.image, *(person.audio for person in job.persons)]:
+        storage.download(job_file(job_id, name), work_dir / name)
+    persons = [person.model_copy(update={"audio": str(work_dir / person.audio)}) for person in job.persons]
+    return job.model_copy(update={"image": str(work_dir / job.image), "persons": persons})
+
+
+def _summary(result: GenerationResult, started: datetime, ended: datetime) -> dict[str, Any]:
+    return {
+        "num_frames": result.num_frames,
+        "duration_s": result.duration_s,
+        "clips": result.clips,
+        "boxes": [list(box) for box in result.boxes],
+        "region_source": result.region_source,
+        "generation_started_at": started.isoformat(),
+        "generation_ended_at": ended.isoformat(),
+        "generation_seconds": result.seconds,
+    }
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Generator:
+    """One replica: a runner and the job store and storage it reads from and reports to."""
+
+    def __init__(self, config: ServingConfig) -> None:
+        self.store = JobStore(config.database_url)
+        self.storage = Storage(config.storage_uri)
+        self.runner = build_runner(config)
+
+    def __del__(self) -> None:
+        # Serve calls this when the replica stops: a device group's rank actors and placement group go with it.
+        if isinstance(getattr(self, "runner", None), DeviceGroup):
+            self.runner.shutdown()
+
+    async def run(self, job_id: str) -> str:
+        """Runs a queued job to its end and returns its final state (a job no longer queued is left alone)."""
+        return await asyncio.to_thread(self._run, job_id)
+
+    def _run(self, job_id: str) -> str:
+        record = self.store.claim(job_id)
+        if record is None:
+            return self.store.get(job_id).state
+        attempt = record.attempts
+        go_on = True
+
+        def report(progress: Progress) -> None:
+            nonlocal go_on
+            step = StepProgress(progress.clip, progress.clips, progress.step, progress.steps, progress.percent)
+            go_on = self.store.report(job_id, attempt, step)
+
+        state, error, summary = JobState.SUCCEEDED, None, None
+        with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-") as work:
+            work_dir = Path(work)
+            try:
+                job = _local_job(record.spec, job_id, self.storage, work_dir)
+                started = datetime.now(UTC)
+                result = self.runner.generate(job, work_dir / VIDEO_NAME, progress=report, cancelled=lambda: not go_on)
+                ended = datetime.now(UTC)
+                self.storage.upload(result.path, job_file(job_id, VIDEO_NAME))
+                summary = _summary(result, started, ended)
+            except GenerationCancelled:
+                state = JobState.CANCELLED
+            except (GenerationError, FileNotFoundError) as failure:
+                state, error = JobState.FAILED, str(failure)
+            except Exception as failure:  # noqa: BLE001 - any failure of one job is that job's, told to its caller
+                logger.exception("job %s failed", job_id)
+                state, error = JobState.FAILED, f"generation failed: {type(failure).__name__}: {failure}"
+            if error is not None:  # name the job's files as stored ("inputs/audio2.wav"), not this replica's copies
+                error = error.replace(f"{work_dir}/", "")
+        if not self.store.end(job_id, attempt, state, error, summary):
+            logger.info("job %s: attempt %d was superseded; its end (%s) is not recorded", job_id, attempt, state)
+        return state

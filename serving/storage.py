@@ -1,0 +1,69 @@
+"""The files of jobs (uploaded inputs, generated videos) under one root: a local directory or any pyarrow.fs URI.
+
+    storage = Storage("s3://bucket/multitalk")       # or "/var/lib/multitalk/files"
+    storage.upload(Path("video.mp4"), job_file(job_id, "video.mp4"))
+
+Writes go to a temporary name first and are moved into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+_CHUNK_BYTES = 1 << 20
+VIDEO_NAME = "video.mp4"  # a job's result, beside its inputs/
+
+
+def job_file(job_id: str, name: str) -> str:
+    """The storage key of one of a job's files."""
+    return f"jobs/{job_id}/{name}"
+
+
+class Storage:
+    """Files under a root directory of a pyarrow file system, addressed by relative keys ("jobs/<id>/video.mp4")."""
+
+    def __init__(self, uri: str) -> None:
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).absolute())
+        self.fs.create_dir(self.root, recursive=True)
+        self.uri = uri
+
+    def _path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def upload(self, local: Path, key: str) -> None:
+        """Copies a local file to key."""
+        path = self._path(key)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        partial = f"{path}.{uuid.uuid4().hex}.partial"
+        with open(local, "rb") as source, self.fs.open_output_stream(partial) as target:
+            shutil.copyfileobj(source, target, _CHUNK_BYTES)
+        self.fs.move(partial, path)
+
+    def download(self, key: str, local: Path) -> None:
+        """Copies key to a local file; FileNotFoundError names the key when it is missing."""
+        try:
+            source = self.fs.open_input_stream(self._path(key))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{key}: not in the storage at {self.uri}") from None
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with source, open(local, "wb") as target:
+            shutil.copyfileobj(source, target, _CHUNK_BYTES)
+
+    def size(self, key: str) -> int | None:
+        """Bytes of key, or None when it does not exist."""
+        info = self.fs.get_file_info(self._path(key))
+        return info.size if info.type == pafs.FileType.File else None
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """The bytes of key, a chunk at a time (for streaming it over HTTP)."""
+        with self.fs.open_input_stream(self._path(key)) as source:
+            while chunk := source.read(_CHUNK_BYTES):
+                yield chunk

@@ -1,0 +1,254 @@
+"""A video request from its uploads: the options (ours, or the official MultiTalk input JSON) and the files,
+checked against the limits and decoded before the job is accepted, so that a bad request never reaches a generator.
+
+Our options are any GenerationJob fields besides the uploads, plus `boxes` (one [x0, y0, x1, y1] per person, in the
+order of the audio files) and `fast` (the configured fast profile). Options holding `cond_image` or `cond_audio`
+are the official input JSON: its bbox ([y0, x0, y1, x1]) goes through the one converter in multitalk_model.jobs,
+its files are the uploads (cond_audio's person1, person2, ... are the audio files in order), and our fields may
+sit beside its keys as overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from multitalk_model.audio import VIDEO_FPS, AudioError, load_audio_track
+from multitalk_model.jobs import GenerationJob, JobError, from_official_json
+from multitalk_model.media import MediaError
+from multitalk_model.regions import validate_box
+
+from .config import Limits, ServingConfig
+
+_OFFICIAL_MARKERS = {"cond_image", "cond_audio"}
+_EXIF_ORIENTATION = 0x0112
+_SIDEWAYS = {5, 6, 7, 8}  # EXIF orientations of a photo stored rotated by 90 degrees
+_OFFICIAL_KEYS = {"prompt", "cond_image", "audio_type", "cond_audio", "bbox"}
+
+
+class RequestRejected(Exception):
+    """A request that cannot become a job: the HTTP status and a message naming the field and the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file, copied to a local path."""
+
+    field: str  # how messages name it: "image", "audio 2"
+    filename: str  # as the client sent it
+    path: Path
+    size: int
+
+    @property
+    def suffix(self) -> str:
+        """The client's file extension when it is a plain one (decoders go by content; this keeps it readable)."""
+        suffix = Path(self.filename).suffix
+        return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+
+    def describe(self, error: Exception) -> str:
+        """An error about the local copy, told with the client's file name."""
+        message = str(error).replace(f"{self.path}: ", "").replace(str(self.path), self.filename)
+        return f"{self.field} ({self.filename!r}): {message}"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def check_sizes(image: Upload, audio: list[Upload], limits: Limits) -> None:
+    """413 naming the limit for a file over its size limit; 422 for more persons than allowed."""
+    if image.size > limits.max_image_bytes:
+        raise RequestRejected(
+            413,
+            f"image: {_megabytes(image.size)}, over the limit of {_megabytes(limits.max_image_bytes)} "
+            "(limits.max_image_bytes)",
+        )
+    if len(audio) > limits.max_persons:
+        raise RequestRejected(
+            422, f"audio: {len(audio)} files (persons), over the limit of {limits.max_persons} (limits.max_persons)"
+        )
+    for upload in audio:
+        if upload.size > limits.max_audio_bytes:
+            raise RequestRejected(
+                413,
+                f"{upload.field}: {_megabytes(upload.size)}, over the limit of {_megabytes(limits.max_audio_bytes)} "
+                "(limits.max_audio_bytes)",
+            )
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """The options field: a JSON object (absent = {})."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RequestRejected(422, f"options: not valid JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise RequestRejected(422, f"options: must be a JSON object, got {type(options).__name__}")
+    return options
+
+
+def _describe(error: ValidationError) -> str:
+    """A job's validation errors, each named as the request's options name the field."""
+    problems = []
+    for item in error.errors():
+        location = [str(part) for part in item["loc"]]
+        if location[:1] == ["persons"] and location[2:] == ["box"]:
+            location = [f"boxes[{location[1]}]"]  # persons come from the audio files; their boxes from options.boxes
+        field = ".".join(["options", *location])
+        problems.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def _persons_from_boxes(boxes: Any, audio: list[Upload]) -> list[dict[str, Any]]:
+    persons = [{"audio": str(upload.path)} for upload in audio]
+    if boxes is None:
+        return persons
+    if not isinstance(boxes, list):
+        raise RequestRejected(422, f"options.boxes: must be a list of [x0, y0, x1, y1], one per person, got {boxes!r}")
+    if len(boxes) != len(audio):
+        raise RequestRejected(
+            422,
+            f"options.boxes: {len(boxes)} region(s) for {len(audio)} audio stream(s); give one box per audio file, "
+            "in person order, or none",
+        )
+    return [{**person, "box": box} for person, box in zip(persons, boxes)]
+
+
+def _official_fields(official: dict[str, Any], image: Upload, audio: list[Upload]) -> dict[str, Any]:
+    """The official input JSON with the uploads as its files -> job fields (boxes converted to [x0, y0, x1, y1])."""
+    cond_audio = official.get("cond_audio")
+    if not isinstance(cond_audio, dict) or len(cond_audio) != len(audio):
+        named = len(cond_audio) if isinstance(cond_audio, dict) else 0
+        raise RequestRejected(
+            422,
+            f"options.cond_audio: names {named} person(s) but {len(audio)} audio file(s) were uploaded; "
+            "person1, person2, ... take the audio files in order",
+        )
+    ordered = sorted(cond_audio, key=lambda key: int(key.removeprefix("person")) if key[6:].isdigit() else math.inf)
+    data = {
+        **official,
+        "cond_image": str(image.path),
+        "cond_audio": {key: str(upload.path) for key, upload in zip(ordered, audio)},
+    }
+    try:
+        job = from_official_json(data, image.path.parent)
+    except JobError as error:
+        raise RequestRejected(422, f"options.{error}") from None
+    except ValidationError as error:
+        raise RequestRejected(422, _describe(error)) from None
+    return job.model_dump(exclude_unset=True)
+
+
+def build_job(options: dict[str, Any], image: Upload, audio: list[Upload], config: ServingConfig) -> GenerationJob:
+    """The job a request asks for, over the configured defaults, with its files decoded and checked."""
+    if not audio:
+        raise RequestRejected(422, "audio: missing; upload one audio file per person, in person order")
+    options = dict(options)
+    fast = options.pop("fast", False)
+    if not isinstance(fast, bool):
+        raise RequestRejected(422, f"options.fast: must be true or false, got {fast!r}")
+    if _OFFICIAL_MARKERS & set(options):
+        if "boxes" in options:
+            raise RequestRejected(422, "options.boxes: an official input gives its regions as bbox, not boxes")
+        # Keys that are not ours go to the converter, which ignores (and logs) those generation does not use.
+        official_keys = [key for key in options if key in _OFFICIAL_KEYS or key not in GenerationJob.model_fields]
+        official = {key: options.pop(key) for key in official_keys}
+        fields = _official_fields(official, image, audio)
+    else:
+        fields = {"image": str(image.path), "persons": _persons_from_boxes(options.pop("boxes", None), audio)}
+    uploaded = sorted({"image", "persons"} & set(options))
+    if uploaded:
+        raise RequestRejected(422, f"options: {uploaded} come from the uploaded files, not from the options")
+
+    generation = config.generation
+    merged = {**generation.defaults, **(generation.fast if fast else {}), **fields, **options}
+    try:
+        job = GenerationJob.model_validate(merged)
+    except ValidationError as error:
+        raise RequestRejected(422, _describe(error)) from None
+    _check_limits(job, config.limits)
+    _check_media(job, image, audio, config.limits)
+    return job
+
+
+def _check_limits(job: GenerationJob, limits: Limits) -> None:
+    for field in ("prompt", "negative_prompt"):
+        length = len(getattr(job, field))
+        if length > limits.max_prompt_chars:
+            raise RequestRejected(
+                422,
+                f"options.{field}: {length} characters, over the limit of {limits.max_prompt_chars} "
+                "(limits.max_prompt_chars)",
+            )
+    if job.steps > limits.max_steps:
+        raise RequestRejected(
+            422, f"options.steps: {job.steps}, over the limit of {limits.max_steps} (limits.max_steps)"
+        )
+    if job.frame_num > limits.max_frame_num:
+        raise RequestRejected(
+            422, f"options.frame_num: {job.frame_num}, over the limit of {limits.max_frame_num} (limits.max_frame_num)"
+        )
+    if job.resolution is not None and job.resolution[0] * job.resolution[1] > limits.max_resolution_pixels:
+        raise RequestRejected(
+            422,
+            f"options.resolution: {job.resolution[0]}x{job.resolution[1]} pixels, over the limit of "
+            f"{limits.max_resolution_pixels} (limits.max_resolution_pixels)",
+        )
+
+
+def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits: Limits) -> None:
+    """Decodes the image and every audio file; checks the boxes against the image and the speech's length."""
+    try:
+        with Image.open(image.path) as opened:
+            opened.verify()  # the file's structure and checksums, without decoding every pixel
+        with Image.open(image.path) as opened:  # a verified image cannot be read further: open it again
+            width, height = opened.size
+            if opened.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS:  # boxes are in pixels of the upright image
+                width, height = height, width
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise RequestRejected(422, image.describe(MediaError(f"not an image ({error})"))) from None
+    if width * height > limits.max_image_pixels:
+        raise RequestRejected(
+            422,
+            f"image: {width}x{height} pixels, over the limit of {limits.max_image_pixels} (limits.max_image_pixels)",
+        )
+
+    for index, person in enumerate(job.persons):
+        if person.box is not None:
+            try:
+                validate_box(person.box, (height, width), f"options.boxes[{index}] (person {index + 1})")
+            except ValueError as error:
+                raise RequestRejected(422, str(error)) from None
+
+    seconds = []
+    for upload in audio:
+        try:
+            samples, rate = load_audio_track(upload.path)
+        except AudioError as error:
+            raise RequestRejected(422, upload.describe(error)) from None
+        seconds.append(samples.shape[1] / rate)
+    speech_s = sum(seconds) if job.audio_type == "add" else max(seconds)
+    if speech_s > limits.max_audio_seconds:
+        raise RequestRejected(
+            422,
+            f"audio: the speech lasts {speech_s:.1f} s ({job.audio_type}), over the limit of "
+            f"{limits.max_audio_seconds:g} s (limits.max_audio_seconds)",
+        )
+    if speech_s * VIDEO_FPS < 1:
+        raise RequestRejected(
+            422, f"audio: the speech lasts {speech_s * 1000:.0f} ms, shorter than one video frame (40 ms)"
+        )
