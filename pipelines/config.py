@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipelines.schema import Kind
+
+# whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
+# this project's torch and transformers 5, so it lives in its own pip env on top of the worker's packages.
+WHISPERX_REQUIREMENTS = (
+    "whisperx==3.8.6",
+    "torch==2.8.0",
+    "torchaudio==2.8.0",
+    "torchvision==0.23.0",
+    "torchcodec==0.7.0",
+    "pyannote-audio==4.0.7",
+    "transformers==4.57.6",
+    "huggingface-hub==0.36.2",
+)
 
 
 class ConfigError(ValueError):
@@ -71,8 +85,19 @@ class SpeakersConfig(_Section):
 
 
 class SyncConfig(_Section):
-    max_offset_frames: int = Field(default=5, ge=0, description="largest audio-visual offset searched, frames")
-    min_confidence: float = Field(default=0.0, ge=-1, le=1, description="lowest sync score kept (single and dual)")
+    max_offset_frames: int = Field(default=5, ge=0, description="largest offset the correlation searches, frames")
+    min_confidence: float = Field(
+        default=0.0, ge=-1, le=1, description="lowest correlation sync score kept (single and dual)"
+    )
+    syncnet_path: str | None = Field(
+        default=None, description="SyncNet weights (syncnet_python's syncnet_v2.model): Sync-C/D, not the correlation"
+    )
+    syncnet_vshift: int = Field(default=15, ge=1, description="largest offset SyncNet searches, frames (vshift)")
+    min_syncnet_confidence: float = Field(default=3.0, ge=0, description="lowest Sync-C kept (single and dual)")
+    syncnet_batch_size: int = Field(default=20, ge=1, description="lip and audio windows per SyncNet forward")
+    num_actors: int = Field(default=1, ge=1, description="SyncNet actors")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per SyncNet actor")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per SyncNet actor (0: run on CPU)")
 
 
 class AsrConfig(_Section):
@@ -84,6 +109,40 @@ class AsrConfig(_Section):
     num_actors: int = Field(default=1, ge=1, description="ASR actors")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per ASR actor")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per ASR actor (0: run on CPU)")
+    whisperx: bool = Field(
+        default=False, description="whisperx (ASR + alignment + diarization) in its own runtime env, not faster-whisper"
+    )
+    whisperx_python: str | None = Field(
+        default=None, description="python of a venv holding whisperx (default: a pip env of whisperx_requirements)"
+    )
+    whisperx_requirements: list[str] = Field(
+        default_factory=lambda: list(WHISPERX_REQUIREMENTS), description="pinned packages of whisperx's pip env"
+    )
+    whisperx_align_model_path: str | None = Field(
+        default=None, description="wav2vec2 CTC alignment model directory (Hugging Face format) for `language`"
+    )
+    whisperx_diarization_path: str | None = Field(
+        default=None, description="pyannote speaker-diarization pipeline directory (config.yaml and its models)"
+    )
+    whisperx_batch_size: int = Field(default=16, ge=1, description="speech chunks per whisperx ASR batch")
+    whisperx_setup_timeout_s: int = Field(
+        default=1800, ge=1, description="time allowed to build whisperx's runtime env (it installs torch)"
+    )
+
+
+class CaptionsConfig(_Section):
+    model_path: str | None = Field(
+        default=None, description="vision-language model directory (transformers image-text-to-text: BLIP, LLaVA, ...)"
+    )
+    prompt: str = Field(
+        default="Describe the people in this video frame, what they are doing and where, in one sentence.",
+        description="instruction given to chat models (BLIP-style captioners caption without one)",
+    )
+    max_new_tokens: int = Field(default=60, ge=1, description="longest caption, tokens")
+    replace_manifest: bool = Field(default=False, description="caption clips that have a manifest caption too")
+    num_actors: int = Field(default=1, ge=1, description="captioner actors")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per captioner actor")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per captioner actor (0: run on CPU)")
 
 
 class Wav2VecConfig(_Section):
@@ -113,6 +172,7 @@ class CurationConfig(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig, description="audio-visual sync")
     asr: AsrConfig = Field(default_factory=AsrConfig, description="word timings (optional)")
     wav2vec: Wav2VecConfig = Field(default_factory=Wav2VecConfig, description="audio features")
+    captions: CaptionsConfig = Field(default_factory=CaptionsConfig, description="captioner (optional)")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="webdataset shards")
 
 
@@ -139,16 +199,38 @@ def load_config(path: str | os.PathLike, **overrides: str | None) -> CurationCon
             raise ConfigError(f"{path}: {field}: required (in the config or on the command line)")
     # Workers may run in another directory: relative local paths are taken from where the run starts.
     config.input, config.output = _absolute(config.input), _absolute(config.output)
-    config.wav2vec.model_path = _absolute(config.wav2vec.model_path)
-    if not Path(config.wav2vec.model_path).is_dir():
-        raise ConfigError(f"{path}: wav2vec.model_path: {config.wav2vec.model_path} is not a directory")
     if config.faces.insightface_pack:
         config.faces.insightface_pack = _absolute(config.faces.insightface_pack)
-    if config.asr.model_path:
-        config.asr.model_path = _absolute(config.asr.model_path)
-        if not Path(config.asr.model_path).is_dir():
-            raise ConfigError(f"{path}: asr.model_path: {config.asr.model_path} is not a directory")
+    directories = ("wav2vec.model_path", "asr.model_path", "asr.whisperx_align_model_path",
+                   "asr.whisperx_diarization_path", "captions.model_path")  # fmt: skip
+    for field in directories:
+        _check_local(config, path, field, Path.is_dir, "a directory")
+    _check_local(config, path, "sync.syncnet_path", Path.is_file, "a file")
+    python = config.asr.whisperx_python
+    if python and not os.path.isabs(python):
+        # Taken as it is on the workers: resolving it here would follow the venv's symlink out of the venv.
+        raise ConfigError(f"{path}: asr.whisperx_python: {python} must be an absolute path")
+    if config.asr.whisperx:
+        needed = {"asr.model_path": config.asr.model_path, "asr.language": config.asr.language}
+        needed["asr.whisperx_align_model_path"] = config.asr.whisperx_align_model_path
+        needed["asr.whisperx_diarization_path"] = config.asr.whisperx_diarization_path
+        for field, value in needed.items():
+            if not value:
+                raise ConfigError(f"{path}: {field}: required with asr.whisperx (models are never downloaded)")
     return config
+
+
+def _check_local(config: CurationConfig, path: Path, field: str, exists: Callable[[Path], bool], kind: str) -> None:
+    """Make a local path field absolute (when set) and check that it is `kind`."""
+    section_name, name = field.split(".")
+    section = getattr(config, section_name)
+    value = getattr(section, name)
+    if not value:
+        return
+    value = _absolute(value)
+    setattr(section, name, value)
+    if not exists(Path(value)):
+        raise ConfigError(f"{path}: {field}: {value} is not {kind}")
 
 
 def _absolute(location: str) -> str:

@@ -30,6 +30,7 @@ from pipelines.stages.shots import ShotStage
 from pipelines.stages.speakers import SpeakerStage
 from pipelines.stages.sync import SyncStage
 from pipelines.stages.wav2vec import Wav2VecStage
+from pipelines.stages.whisperx_asr import WhisperXEnvError, WhisperXStage, check_whisperx_env, whisperx_runtime_env
 from pipelines.storage import list_inputs
 
 logger = logging.getLogger("pipelines.curate")
@@ -51,9 +52,28 @@ def build_dataset(config: CurationConfig, inputs: list[dict], done_clip_ids: fro
         compute=ray.data.ActorPoolStrategy(size=config.faces.num_actors),
         num_cpus=config.faces.num_cpus,
     )
-    for stage in (AudioStage(config), SpeakerStage(config), SyncStage(config)):
+    for stage in (AudioStage(config), SpeakerStage(config)):
         ds = ds.map(stage, num_cpus=stage.num_cpus)
-    if config.asr.model_path:
+    if config.sync.syncnet_path:
+        ds = ds.map(
+            SyncStage,
+            fn_constructor_kwargs={"config": config},
+            compute=ray.data.ActorPoolStrategy(size=config.sync.num_actors),
+            num_cpus=config.sync.num_cpus,
+            num_gpus=config.sync.num_gpus,
+        )
+    else:
+        ds = ds.map(SyncStage(config), num_cpus=SyncStage.num_cpus)
+    if config.asr.whisperx:
+        ds = ds.map(
+            WhisperXStage,
+            fn_constructor_kwargs={"config": config},
+            compute=ray.data.ActorPoolStrategy(size=config.asr.num_actors),
+            num_cpus=config.asr.num_cpus,
+            num_gpus=config.asr.num_gpus,
+            runtime_env=whisperx_runtime_env(config.asr),
+        )
+    elif config.asr.model_path:
         ds = ds.map(
             AsrStage,
             fn_constructor_kwargs={"config": config},
@@ -70,8 +90,17 @@ def build_dataset(config: CurationConfig, inputs: list[dict], done_clip_ids: fro
         num_cpus=config.wav2vec.num_cpus,
         num_gpus=config.wav2vec.num_gpus,
     )
-    for stage in (CaptionStage(), SampleStage()):
-        ds = ds.map(stage, num_cpus=stage.num_cpus)
+    if config.captions.model_path:
+        ds = ds.map(
+            CaptionStage,
+            fn_constructor_kwargs={"config": config},
+            compute=ray.data.ActorPoolStrategy(size=config.captions.num_actors),
+            num_cpus=config.captions.num_cpus,
+            num_gpus=config.captions.num_gpus,
+        )
+    else:
+        ds = ds.map(CaptionStage(config), num_cpus=CaptionStage.num_cpus)
+    ds = ds.map(SampleStage(), num_cpus=SampleStage.num_cpus)
     return ds.map_batches(
         ShardWriter(config.output), batch_size=config.shards.size, batch_format="numpy", num_cpus=ShardWriter.num_cpus
     )
@@ -87,6 +116,10 @@ def run(config: CurationConfig) -> dict:
             # "local": a Ray of this process even when a `ray start` cluster runs on the machine (use RAY_ADDRESS=auto
             # or ray_address: auto to run on that one).
             ray.init(address="local", num_cpus=config.local_num_cpus, include_dashboard=False)
+    if config.asr.whisperx:
+        # Before any clip is decoded: a run whose whisperx env cannot be built fails now, saying why.
+        version = check_whisperx_env(whisperx_runtime_env(config.asr))
+        logger.info("whisperx %s imports in its runtime env", version)
     sink = CorpusSink(config.output)
     inputs = list_inputs(config.input, config.default_kind)
     logger.info("curating %d inputs from %s into %s", len(inputs), config.input, config.output)
@@ -115,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, input=args.input, output=args.output)
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
-    run(config)
+    try:
+        run(config)
+    except WhisperXEnvError as error:
+        parser.exit(1, f"error: {error}\n")
     return 0
 
 

@@ -51,8 +51,11 @@ class Clip:
     binding_confidence: list[float] = field(default_factory=list)
     sync_confidence: list[float] = field(default_factory=list)
     sync_offset: list[int] = field(default_factory=list)
+    sync_distance: list[float] = field(default_factory=list)  # SyncNet's Sync-D per person (empty without it)
+    sync_source: str | None = None  # syncnet | correlation
 
     words: list[dict] = field(default_factory=list)  # ASR word timings, schema.Word fields
+    turns: list[dict] = field(default_factory=list)  # whisperx diarization, schema.SpeakerTurn fields
 
     # Wav2vec and captions.
     wav2vec: np.ndarray | None = None  # float16 [P, T, 12, C]

@@ -26,6 +26,8 @@ REJECTS_FILE = "rejects.parquet"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 
+_CAPTION_SOURCE_PATTERN = r"^(manifest|none|model:.+)$"
+
 _SHARD_NAME = re.compile(r"^(?P<kind>single|multi_event|dual)-(?P<index>\d{6})\.tar$")
 
 
@@ -62,8 +64,9 @@ class PersonMetadata(_Strict):
     track: list[list[float]] = Field(description="face box on every frame, clip pixels")
     speaking_s: float = Field(description="seconds of speech bound to this person")
     binding_confidence: float | None = Field(description="how clearly the speech was bound to this face (0..1)")
-    sync_confidence: float | None = Field(default=None, description="audio-visual sync score")
+    sync_confidence: float | None = Field(default=None, description="audio-visual sync score (SyncNet: Sync-C)")
     sync_offset: int | None = Field(default=None, description="audio lag of the best sync, in frames")
+    sync_distance: float | None = Field(default=None, description="SyncNet's Sync-D (None with the correlation)")
 
 
 class Word(_Strict):
@@ -73,7 +76,16 @@ class Word(_Strict):
     start_s: float = Field(description="start in the clip")
     end_s: float = Field(description="end in the clip")
     probability: float
-    person: int | None = Field(description="the person whose speech holds the word's middle, if any")
+    person: int | None = Field(description="the person speaking it (bound speech or diarized speaker), if any")
+
+
+class SpeakerTurn(_Strict):
+    """One diarized stretch of speech (when the run has whisperx), bound to a person where the faces agree."""
+
+    speaker: str = Field(description="the diarization's speaker label")
+    person: int | None = Field(description="the person whose bound speech this speaker overlaps most (None: no face)")
+    start_s: float = Field(description="start in the clip")
+    end_s: float = Field(description="end in the clip")
 
 
 class Scores(_Strict):
@@ -87,6 +99,7 @@ class Scores(_Strict):
     binding_confidence: float | None = Field(default=None, description="lowest binding confidence of the persons")
     sync_confidence: float | None = Field(default=None, description="lowest sync score of the persons")
     sync_offset: float | None = Field(default=None, description="mean sync offset of the persons, in frames")
+    sync_distance: float | None = Field(default=None, description="highest Sync-D of the persons (SyncNet only)")
 
 
 class ClipMetadata(_Strict):
@@ -102,10 +115,14 @@ class ClipMetadata(_Strict):
     width: int
     height: int
     caption: str | None
-    caption_source: Literal["manifest", "none"]
+    caption_source: str = Field(pattern=_CAPTION_SOURCE_PATTERN, description="manifest, none or model:<model name>")
     persons: list[PersonMetadata]
     scores: Scores
+    sync_source: Literal["syncnet", "correlation"] | None = Field(
+        default=None, description="what scored the sync (None: not scored, as for multi_event clips)"
+    )
     words: list[Word] = Field(default_factory=list, description="ASR word timings (empty without an ASR model)")
+    turns: list[SpeakerTurn] = Field(default_factory=list, description="diarized speech (empty without whisperx)")
 
 
 _MANIFEST_BASE = [
@@ -123,6 +140,7 @@ _MANIFEST_BASE = [
     ("n_person", pa.int32()),
     ("caption", pa.string()),
     ("caption_source", pa.string()),
+    ("sync_source", pa.string()),
 ]
 MANIFEST_SCHEMA = pa.schema(_MANIFEST_BASE + [(name, pa.float64()) for name in Scores.model_fields])
 
@@ -174,5 +192,6 @@ def manifest_row(metadata: ClipMetadata, clip: str, shard: str) -> dict:
         "n_person": len(metadata.persons),
         "caption": metadata.caption,
         "caption_source": metadata.caption_source,
+        "sync_source": metadata.sync_source,
         **metadata.scores.model_dump(),
     }

@@ -4,12 +4,16 @@ use becomes a reject naming the stage and the error instead of failing the run."
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import ClassVar
 
 import av
+import numpy as np
 
+from multitalk_model.media import read_video_frames
 from pipelines.record import Clip
-from pipelines.schema import RejectReason
+from pipelines.schema import SAMPLE_FPS, RejectReason
 
 logger = logging.getLogger(__name__)
 
@@ -36,3 +40,12 @@ class Stage:
 
     def process(self, clip: Clip) -> None:
         raise NotImplementedError
+
+
+def clip_frames(clip: Clip, start_frame: int = 0, num_frames: int | None = None) -> np.ndarray:
+    """RGB frames [T, H, W, 3] decoded from the clip's mp4: what training will see, at clip resolution."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "clip.mp4"
+        path.write_bytes(clip.mp4)
+        count = clip.num_frames - start_frame if num_frames is None else num_frames
+        return read_video_frames(path, SAMPLE_FPS, start_frame / SAMPLE_FPS, count)

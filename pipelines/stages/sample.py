@@ -17,6 +17,7 @@ from pipelines.schema import (
     ClipMetadata,
     PersonMetadata,
     Scores,
+    SpeakerTurn,
     Word,
     person_audio_key,
 )
@@ -48,6 +49,7 @@ def clip_metadata(clip: Clip) -> ClipMetadata:
                 binding_confidence=clip.binding_confidence[p] if has_speech else None,
                 sync_confidence=clip.sync_confidence[p] if clip.sync_confidence else None,
                 sync_offset=clip.sync_offset[p] if clip.sync_offset else None,
+                sync_distance=clip.sync_distance[p] if clip.sync_distance else None,
             )
         )
     return ClipMetadata(
@@ -64,7 +66,9 @@ def clip_metadata(clip: Clip) -> ClipMetadata:
         caption_source=clip.caption_source,
         persons=persons,
         scores=Scores(**clip.scores),
+        sync_source=clip.sync_source,
         words=[Word(**word) for word in clip.words],
+        turns=[SpeakerTurn(**turn) for turn in clip.turns],
     )
 
 
