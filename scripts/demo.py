@@ -17,13 +17,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 import skimage.data
 import torch
+import ray
 import yaml
 from PIL import Image
+from ray import serve
 
 from multitalk_model.accounting import forward_flops, parameter_counts
 from multitalk_model.audio import SAMPLE_RATE, Wav2VecEncoder, audio_windows, build_tiny_wav2vec2, compose_persons, loudness_normalize
@@ -35,6 +40,8 @@ from multitalk_model.pipeline import MultiTalkPipeline
 from multitalk_model.regions import default_halves, region_masks
 from multitalk_model.synth import synthesize_speech, write_wav
 from pipelines.sample_data import write_corpus
+from serving.app import build_app
+from serving.config import ServingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -110,9 +117,15 @@ def generate_video(out: Path) -> Path:
     return result.path
 
 
+@dataclass(frozen=True)
+class LocalCluster:
+    gcs_address: str  # for ray.init
+    job_address: str  # for ray job submit
+
+
 @contextlib.contextmanager
-def local_ray_cluster(num_cpus: int = 2) -> Iterator[str]:
-    """A real local Ray cluster (`ray start --head`), stopped on exit; yields the job-submission address.
+def local_ray_cluster(num_cpus: int = 2, keep_running: bool = False) -> Iterator[LocalCluster]:
+    """A real local Ray cluster (`ray start --head`), stopped on exit unless keep_running.
 
     `--block` keeps `ray start` in the foreground, so stopping it stops exactly this cluster and nothing else that
     may run Ray on the machine.
@@ -122,41 +135,110 @@ def local_ray_cluster(num_cpus: int = 2) -> Iterator[str]:
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
          "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    address = f"http://127.0.0.1:{ports[1]}"
+    cluster = LocalCluster(gcs_address=f"127.0.0.1:{ports[0]}", job_address=f"http://127.0.0.1:{ports[1]}")
+    stop = True
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        while subprocess.run([RAY, "job", "list", "--address", cluster.job_address], env=env, capture_output=True).returncode:
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the local Ray cluster did not start (run `ray start --head` by hand to see why)")
             time.sleep(2)
-        yield address
+        yield cluster
+        stop = not keep_running
     finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=60)
+        if stop:
+            head.send_signal(signal.SIGTERM)
+            head.wait(timeout=60)
 
 
-def curate(out: Path, address: str) -> Path:
+def submit_job(cluster: LocalCluster, *entrypoint: str) -> None:
+    """`ray job submit` of a command run in an uploaded copy of this repository; raises if the job fails."""
+    subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.job_address, "--working-dir", str(ROOT), "--", *entrypoint],
+        env=_ray_env(), check=True,
+    )
+
+
+def with_absolute_paths(template: Path, out: Path, updates: dict) -> Path:
+    """A copy of a YAML config with the given (nested, dotted) fields set: jobs run in an uploaded copy of the
+    repository, so every path they read or write must be absolute."""
+    config = yaml.safe_load(template.read_text())
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = out / template.name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def curate(out: Path, cluster: LocalCluster) -> Path:
     step("5. curation on Ray Data: `ray job submit ... pipelines/curate.py` on a local Ray cluster")
     data = out / "demo_data"
     manifest = write_corpus(data)
     print(f"   corpus the project made itself: {manifest}")
-    # The job runs in an uploaded copy of this folder: give it absolute paths to the demo data and the output.
-    config = yaml.safe_load((ROOT / "pipelines/configs/demo.yaml").read_text())
-    config.update(input=str(manifest), output=str(out / "curation"))
-    config["wav2vec"]["model_path"] = str(data / "wav2vec2-tiny")
-    config_path = out / "curation.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "pipelines/curate.py", "--config", str(config_path)],
-        env=_ray_env(), check=True,
+    curated = out / "curation"
+    config = with_absolute_paths(
+        ROOT / "pipelines/configs/demo.yaml",
+        out,
+        {"input": str(manifest), "output": str(curated), "wav2vec.model_path": str(data / "wav2vec2-tiny")},
     )
-    summary = json.loads((out / "curation" / "summary.json").read_text())
-    print(f"   {summary}")
-    print(f"   report: {out / 'curation' / 'report.html'}")
-    return out / "curation"
+    submit_job(cluster, "python", "pipelines/curate.py", "--config", str(config))
+    print(f"   {json.loads((curated / 'summary.json').read_text())}")
+    print(f"   report: {curated / 'report.html'}")
+    return curated
+
+
+def train(out: Path, cluster: LocalCluster, curated: Path) -> Path:
+    step("6. training on Ray Train + DeepSpeed: two workers, audio parameters only, on the curated shards")
+    trained = out / "training"
+    config = with_absolute_paths(
+        ROOT / "training/configs/tiny-cpu.yaml",
+        out,
+        {"output": str(trained), "data.path": str(curated), "model.model_dir": str(out / "tiny-model")},
+    )
+    submit_job(cluster, "python", "training/train.py", "--config", str(config), "--max-steps", "8")
+    print(f"   loss curve: {trained / 'loss.png'}")
+    print(f"   exported audio weights (official key format): {trained / 'multitalk.safetensors'}")
+    return trained
+
+
+def serve_and_submit(out: Path, cluster: LocalCluster) -> None:
+    step("7. serving on Ray Serve: the jobs API, a job submitted over HTTP, the web page")
+    port, key = _free_port(), "demo-key"
+    ray.init(address=cluster.gcs_address, logging_level="WARNING", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = ServingConfig.model_validate(
+        {
+            "model_dir": str(out / "tiny-model"), "tiny": True,
+            "database_url": f"sqlite:///{out / 'serving' / 'jobs.db'}", "storage_uri": str(out / "serving" / "files"),
+            "api_keys": [key],
+            "generation": {"defaults": {"steps": 2, "frame_num": 17, "motion_frames": 5, "resolution": [64, 112]}},
+        }
+    )
+    serve.run(build_app(config), name="multitalk", route_prefix="/")
+    base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    files = [("image", ("two_people.png", (out / "two_people.png").read_bytes(), "image/png"))]
+    files += [("audio", (f"person{i}.wav", (out / f"person{i}.wav").read_bytes(), "audio/wav")) for i in (1, 2)]
+    options = json.dumps({"prompt": "two people talking", "audio_type": "para", "mode": "streaming"})
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+        response = client.post("/v1/videos", files=files, data={"options": options})
+        response.raise_for_status()
+        job_id = response.json()["id"]
+        print(f"   POST /v1/videos -> {response.status_code}, job {job_id}")
+        while (job := client.get(f"/v1/videos/{job_id}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(1)
+        if job["state"] != "succeeded":
+            raise RuntimeError(f"the demo job ended {job['state']}: {job['error']}")
+        video = out / "served.mp4"
+        video.write_bytes(client.get(f"/v1/videos/{job_id}/content").content)
+    print(f"   GET /v1/videos/{job_id}/content -> {video}")
+    print(f"   web page: {base}/  (API key: {key}; API docs at {base}/docs)")
+    print(f"   the service keeps running; stop it with: {RAY} stop")
 
 
 def _ray_env() -> dict[str, str]:
@@ -179,8 +261,10 @@ def main() -> None:
     np.random.seed(0)
     transformer_forward(out)
     generate_video(out)
-    with local_ray_cluster() as address:
-        curate(out, address)
+    with local_ray_cluster(keep_running=True) as cluster:
+        curated = curate(out, cluster)
+        train(out, cluster, curated)
+        serve_and_submit(out, cluster)
     print(f"\nDemo finished; outputs in {out}")
 
 

@@ -11,6 +11,7 @@ import enum
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -130,6 +131,8 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
+            # A fresh machine has no folder for the database file yet; SQLite creates the file, not its folder.
+            Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
             _serialise_sqlite_writes(self.engine)
         _Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
