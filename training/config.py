@@ -1,0 +1,205 @@
+"""The training run's configuration: a YAML file validated into typed models; a bad value fails naming its field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from multitalk_model.config import PRESETS
+from pipelines.schema import Kind
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    preset: str = Field(default="multitalk-14b", description="architecture: a preset of multitalk_model.config")
+    model_dir: str | None = Field(
+        default=None,
+        description="model directory (multitalk_model.components layout): frozen encoders and base transformer",
+    )
+    audio_weights: str | None = Field(
+        default=None,
+        description="official-format audio weights to start from (stage 2: stage 1's export); none: a fresh audio "
+        "branch whose output projections are zero, so step 0 is the base image-to-video model",
+    )
+    precision: Literal["bf16", "fp32"] = Field(default="bf16", description="dtype of the model and the encoders")
+    activation_checkpointing: bool = Field(default=True, description="recompute each block in backward")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; known: {', '.join(sorted(PRESETS))}")
+        return value
+
+
+class DataConfig(_Section):
+    path: str | None = Field(default=None, description="folder of curated webdataset shards (--data overrides)")
+    ai2v_kinds: list[Kind] = Field(
+        default=["single"], min_length=1, description="shard kinds trained with audio + image (stage 1 single, 2 dual)"
+    )
+    i2v_kind: Kind = Field(default="multi_event", description="shard kind trained image-only, its audio zeroed")
+    i2v_ratio: float = Field(default=0.2, ge=0, lt=1, description="share of image-to-video samples in each batch")
+    num_frames: int = Field(default=81, description="video frames per sample (4n + 1), taken from the clip's start")
+    max_area: int | None = Field(
+        default=None, ge=256, description="pixels: larger clips are scaled down to this area (none: curated size)"
+    )
+    shuffle_buffer: int = Field(default=64, ge=1, description="samples held to shuffle the stream")
+    num_workers: int = Field(default=2, ge=0, description="loader processes per training worker")
+    prefetch_batches: int = Field(default=2, ge=1, description="batches each loader process prepares ahead")
+    log_sample_keys: bool = Field(
+        default=False, description="write every step's clip ids per rank to OUTPUT/samples/ (data audits)"
+    )
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_n_plus_one(cls, value: int) -> int:
+        if value < 5 or value % 4 != 1:
+            raise ValueError(f"must be 4n + 1 and at least 5 (the VAE's temporal stride), got {value}")
+        return value
+
+
+class ObjectiveConfig(_Section):
+    timestep_shift: float = Field(default=7.0, gt=0, description="shift of the sampled flow timesteps (as inference)")
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        default="uniform", description="distribution of the timesteps before the shift"
+    )
+    text_dropout: float = Field(default=0.1, ge=0, lt=1, description="rate of captions replaced by the null prompt")
+    audio_dropout: float = Field(default=0.1, ge=0, lt=1, description="rate of audio-video samples with audio zeroed")
+    null_prompt: str = Field(default="", description="what a dropped caption (or a clip without one) becomes")
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(default=2e-5, gt=0, description="AdamW learning rate after the warm-up (then constant)")
+    warmup_steps: int = Field(default=500, ge=0, description="optimizer steps of linear warm-up from 0")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW decoupled weight decay")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(default=1.0, gt=0, description="global gradient norm clip")
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[1, 2, 3] = Field(default=2, description="ZeRO stage (3 also partitions the frozen weights)")
+    reduce_bucket_size: int = Field(default=200_000_000, ge=1, description="elements per gradient reduce bucket")
+    overlap_comm: bool = Field(default=True, description="overlap gradient reduction with backward")
+
+
+class ScheduleConfig(_Section):
+    max_steps: int = Field(default=10_000, ge=1, description="optimizer steps of the run (--max-steps overrides)")
+    global_batch_size: int = Field(default=64, ge=1, description="samples per optimizer step, all workers together")
+    micro_batch_size: int = Field(default=1, ge=1, description="samples per worker per forward")
+    checkpoint_every: int = Field(default=500, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(default=3, ge=1, description="most recent checkpoints kept in storage")
+    log_every: int = Field(
+        default=10, ge=1, description="optimizer steps between reports to Ray Train (TensorBoard gets every step)"
+    )
+    seed: int = Field(default=0, description="seed of initialisation, noise, timesteps, dropout and data order")
+
+
+class ClusterConfig(_Section):
+    run_name: str = Field(default="multitalk-train", description="Ray Train run name; rerunning it resumes")
+    num_workers: int = Field(default=64, ge=1, description="training workers (one per GPU)")
+    use_gpu: bool = Field(default=True, description="one GPU per worker")
+    cpus_per_worker: float = Field(default=8, gt=0, description="CPUs per worker (its loader processes run there)")
+    max_failures: int = Field(default=3, ge=-1, description="worker-group restarts from the latest checkpoint")
+    ray_address: str | None = Field(default=None, description="Ray cluster address (default: RAY_ADDRESS or local)")
+    local_num_cpus: int = Field(default=2, ge=1, description="CPUs of an embedded local Ray")
+
+
+class MetricsConfig(_Section):
+    peak_tflops: float = Field(
+        default=989.5, gt=0, description="dense peak TFLOP/s of one device in the training dtype, for MFU"
+    )
+
+
+class TrainingConfig(_Section):
+    output: str | None = Field(
+        default=None, description="folder for checkpoints, TensorBoard, metrics and the export (--output overrides)"
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="transformer and frozen encoders")
+    data: DataConfig = Field(default_factory=DataConfig, description="shards and batches")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="flow-matching loss")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW and warm-up")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="ZeRO settings")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="steps, batches, checkpoints")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray Train workers and restarts")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="throughput accounting")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingConfig:
+        per_step = self.schedule.micro_batch_size * self.cluster.num_workers
+        if self.schedule.global_batch_size % per_step:
+            raise ValueError(
+                f"schedule.global_batch_size {self.schedule.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {per_step}"
+            )
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        return self.schedule.global_batch_size // (self.schedule.micro_batch_size * self.cluster.num_workers)
+
+
+def load_config(
+    path: str | os.PathLike,
+    data: str | None = None,
+    output: str | None = None,
+    max_steps: int | None = None,
+) -> TrainingConfig:
+    """Read and validate a YAML config; the non-None arguments override data.path, output and schedule.max_steps."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the config ({error})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+    overrides = {("data", "path"): data, ("output",): output, ("schedule", "max_steps"): max_steps}
+    for keys, value in overrides.items():
+        if value is None:
+            continue
+        section = raw
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path}: {key}: expected a mapping of fields")
+        section[keys[-1]] = value
+    try:
+        config = TrainingConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or '(top level)'}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from error
+    required = {"output": config.output, "data.path": config.data.path, "model.model_dir": config.model.model_dir}
+    for field, value in required.items():
+        if not value:
+            raise ConfigError(f"{path}: {field}: required (in the config or on the command line)")
+    # Workers may start in another directory: relative paths are taken from where the run starts.
+    config.output = _absolute(config.output)
+    config.data.path = _absolute(config.data.path)
+    config.model.model_dir = _absolute(config.model.model_dir)
+    if config.model.audio_weights:
+        config.model.audio_weights = _absolute(config.model.audio_weights)
+    for field, folder in (("data.path", config.data.path), ("model.model_dir", config.model.model_dir)):
+        if not Path(folder).is_dir():
+            raise ConfigError(f"{path}: {field}: {folder} is not a directory")
+    if config.model.audio_weights and not Path(config.model.audio_weights).is_file():
+        raise ConfigError(f"{path}: model.audio_weights: {config.model.audio_weights} is not a file")
+    return config
+
+
+def _absolute(location: str) -> str:
+    return str(Path(location).expanduser().resolve())
