@@ -45,7 +45,7 @@ def main() -> None:
             )
         )
         config = load_config(config_path)
-        ray.init(num_cpus=args.cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
         try:
             ray.data.range(1).materialize()  # start Ray Data's machinery outside the timings
             started = time.perf_counter()

@@ -56,7 +56,7 @@ FRAME_NUM = 81  # one window of the conversation holds both turns: [3.24, 6.48) 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a `ray start` cluster on the machine
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

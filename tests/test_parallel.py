@@ -157,7 +157,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=RANKS, include_dashboard=False)  # conftest turns Ray's token auth off
+    ray.init(address="local", num_cpus=RANKS, include_dashboard=False)  # conftest turns Ray's token auth off
     yield
     ray.shutdown()
 
