@@ -128,6 +128,13 @@ class MultiTalkConfig:
         }
 
 
+def check_clip_frames(value: int) -> int:
+    """A clip's frame count: the VAE folds 4 frames into one latent frame after the first, so clips are 4n + 1."""
+    if value < 5 or value % 4 != 1:
+        raise ValueError(f"must be 4n + 1 and at least 5 (the VAE's temporal stride), got {value}")
+    return value
+
+
 PRESETS: dict[str, MultiTalkConfig] = {
     # CPU tests and the demo: a few hundred thousand parameters, with a tiny wav2vec2 (12 layers of 32).
     "tiny": MultiTalkConfig(
@@ -156,4 +163,4 @@ def get_preset(name: str) -> MultiTalkConfig:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
-__all__ = ["MultiTalkConfig", "PRESETS", "get_preset"]
+__all__ = ["MultiTalkConfig", "PRESETS", "check_clip_frames", "get_preset"]

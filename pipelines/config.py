@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from multitalk_model.config import check_clip_frames
 from pipelines.schema import Kind
 
 # whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
@@ -43,12 +44,7 @@ class ClipsConfig(_Section):
         default=0.25, gt=0, le=1, description="colour-histogram distance (0..1) between frames that counts as a cut"
     )
 
-    @field_validator("frame_num")
-    @classmethod
-    def _four_n_plus_one(cls, value: int) -> int:
-        if value < 5 or value % 4 != 1:
-            raise ValueError(f"must be 4n + 1 and at least 5 (the VAE's temporal stride), got {value}")
-        return value
+    _frames_are_4n_plus_1 = field_validator("frame_num")(check_clip_frames)
 
 
 class FacesConfig(_Section):

@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from multitalk_model.config import PRESETS
+from multitalk_model.config import PRESETS, check_clip_frames
 from pipelines.schema import Kind
 
 
@@ -61,12 +61,7 @@ class DataConfig(_Section):
         default=False, description="write every step's clip ids per rank to OUTPUT/samples/ (data audits)"
     )
 
-    @field_validator("num_frames")
-    @classmethod
-    def _four_n_plus_one(cls, value: int) -> int:
-        if value < 5 or value % 4 != 1:
-            raise ValueError(f"must be 4n + 1 and at least 5 (the VAE's temporal stride), got {value}")
-        return value
+    _frames_are_4n_plus_1 = field_validator("num_frames")(check_clip_frames)
 
 
 class ObjectiveConfig(_Section):
