@@ -25,7 +25,9 @@ class AsrStage(Stage):
     def process(self, clip: Clip) -> None:
         if clip.audio is None:
             return
-        segments, _ = self.model.transcribe(clip.audio, language=self.language, word_timestamps=True)
+        # Greedy decoding only: Whisper's default temperature fallback samples, and a curated corpus must be
+        # reproducible run to run.
+        segments, _ = self.model.transcribe(clip.audio, language=self.language, word_timestamps=True, temperature=0.0)
         for segment in segments:
             for word in segment.words or []:
                 clip.words.append(
