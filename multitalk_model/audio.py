@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import av
 import numpy as np
@@ -22,7 +22,11 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 from scipy.signal import resample_poly
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+if TYPE_CHECKING:
+    # transformers is imported where a model is built: decoding audio (every curation worker does) does not pay the
+    # seconds it takes to import.
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 VIDEO_FPS = 25  # the rate of the generated video, and so of the audio features
@@ -127,6 +131,8 @@ class Wav2VecEncoder:
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Wav2VecEncoder:
         """Load a wav2vec2 checkpoint directory (e.g. chinese-wav2vec2-base); never reaches a hub."""
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
         model = Wav2Vec2Model.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
         feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(path, local_files_only=True)
         return cls(model, feature_extractor)
@@ -170,6 +176,8 @@ def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
 
 def build_tiny_wav2vec2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random wav2vec2 (12 layers of width 32, the standard ~50 Hz CNN) and its feature extractor."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
     config = Wav2Vec2Config(
         hidden_size=32,
         num_hidden_layers=12,

@@ -27,6 +27,7 @@ from pipelines.schema import (
     REJECTS_FILE,
     REJECTS_SCHEMA,
     ClipMetadata,
+    RejectReason,
     manifest_row,
     parse_shard_name,
     shard_name,
@@ -115,7 +116,10 @@ class CorpusSink:
 
     @property
     def done_clip_ids(self) -> frozenset[str]:
-        return frozenset(self.manifest)
+        """Clips a rerun skips: committed ones, and ones an earlier run rejected for what they are (a clip id names
+        content and window, so they would be rejected again). Clips that failed with an error are retried."""
+        rejected = {row["clip_id"] for row in self.rejects if row["clip_id"] and row["reason"] != RejectReason.ERROR}
+        return frozenset(self.manifest) | frozenset(rejected)
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"

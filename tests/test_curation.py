@@ -30,6 +30,7 @@ from multitalk_model.media import read_video_frames, write_video
 from multitalk_model.synth import synthesize_speech
 from pipelines.config import ConfigError, load_config
 from pipelines.curate import run
+from pipelines.plan import curation_steps, run_serially
 from pipelines.record import Clip
 from pipelines.schema import (
     MANIFEST_FILE,
@@ -43,6 +44,7 @@ from pipelines.schema import (
     person_audio_key,
 )
 from pipelines.sample_data import write_corpus
+from pipelines.sink import CorpusSink
 from pipelines.stages.asr import AsrStage
 from pipelines.stages.faces import mouth_motion
 from pipelines.stages.probe import ProbeStage
@@ -208,6 +210,45 @@ def test_report_and_summary_describe_the_run(corpus):
     assert summary["rejects"] == len(_rejects(corpus))
     assert summary["rejects_by_reason"]["unreadable"] == 2
     assert "<img" in (corpus / REPORT_FILE).read_text()
+
+
+def test_serial_run_in_one_process_curates_the_same_clips_as_ray(corpus, tmp_path):
+    """The benchmark's baseline and the debugging mode run the very stages of the Ray graph."""
+    work = corpus.parent
+    seconds_by_step: dict[str, float] = {}
+    config = load_config(work / "config.yaml", input=str(work / "inputs.jsonl"), output=str(tmp_path / "out"))
+
+    run(config, serial=True, seconds_by_step=seconds_by_step)
+
+    def without_shard(rows):
+        return sorted(({k: v for k, v in row.items() if k != "shard"} for row in rows), key=lambda row: row["clip_id"])
+
+    def reject_key(row):
+        return (Path(row["input"]).name, row["clip_id"] or "", row["stage"], row["reason"])
+
+    serial, parallel = without_shard(_manifest(tmp_path / "out")), without_shard(_manifest(corpus))
+    assert [row["clip_id"] for row in serial] == [row["clip_id"] for row in parallel]
+    for serial_row, parallel_row in zip(serial, parallel):
+        # Equal up to float noise: Ray gives each task fewer threads, which changes the order of float sums.
+        assert serial_row == {
+            key: pytest.approx(value, rel=1e-6) if isinstance(value, float) else value
+            for key, value in parallel_row.items()
+        }
+    assert sorted(map(reject_key, _rejects(tmp_path / "out"))) == sorted(map(reject_key, _rejects(corpus)))
+    assert {"probe", "shots", "faces", "wav2vec", "write"} <= set(seconds_by_step)
+    assert all(seconds > 0 for seconds in seconds_by_step.values())
+
+
+def test_rerun_over_a_finished_output_cuts_no_window_again(corpus, tmp_path):
+    """Committed clips and clips rejected for what they are (here: unbound conversation windows) are finished work."""
+    work = corpus.parent
+    config = load_config(work / "config.yaml", input=str(work / "inputs.jsonl"), output=str(corpus))
+    assert any(row["clip_id"] for row in _rejects(corpus))
+    probe_and_shots = curation_steps(config, CorpusSink(str(corpus)).done_clip_ids)[:2]
+
+    rows = list(run_serially(probe_and_shots, list_inputs(config.input, config.default_kind)))
+
+    assert rows and all(row["clip"].rejected and row["clip"].clip_id is None for row in rows)  # whole-input rejects
 
 
 def test_killed_run_resumes_with_every_clip_exactly_once(local_ray, wav2vec_dir, shared_media, tmp_path):

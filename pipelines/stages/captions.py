@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from pipelines.config import CurationConfig
 from pipelines.record import Clip
@@ -27,8 +26,11 @@ class CaptionStage(Stage):
 
     def __init__(self, config: CurationConfig) -> None:
         self.config = config.captions
-        self.model: PreTrainedModel | None = None
+        self.model = None
         if config.captions.model_path:
+            # Imported only here: the model-less task (most runs) does not pay for importing transformers.
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
             on_gpu = config.captions.num_gpus > 0 and torch.cuda.is_available()
             self.device = torch.device("cuda" if on_gpu else "cpu")
             self.processor = AutoProcessor.from_pretrained(config.captions.model_path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import decord
 import numpy as np
 
@@ -92,6 +90,9 @@ class ShotStage:
             audio = np.zeros(length, dtype=np.float32)
             piece = source.source_audio[first : first + length]
             audio[: len(piece)] = piece
-        return dataclasses.replace(
-            source, clip_id=identity, start_frame=start, num_frames=self.frame_num, source_audio=None, audio=audio
-        )
+        # A new record, not a copy of the source's: windows must share no mutable field (scores, words...).
+        return Clip(
+            source=source.source, kind=source.kind, caption=source.caption, source_hash=source.source_hash,
+            source_fps=source.source_fps, source_duration_s=source.source_duration_s,
+            clip_id=identity, start_frame=start, num_frames=self.frame_num, audio=audio,
+        )  # fmt: skip
