@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout
 import ray
 import yaml
 
-from multitalk_model.audio import build_tiny_wav2vec2
+from multitalk_model.wav2vec import build_tiny_wav2vec2
 from pipelines.config import load_config
 from pipelines.curate import run
 from pipelines.sample_data import write_corpus

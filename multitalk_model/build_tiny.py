@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from .audio import build_tiny_wav2vec2
+from .wav2vec import build_tiny_wav2vec2
 from .checkpoints import build_model
 from .config import get_preset
 

@@ -59,7 +59,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .audio import Wav2VecEncoder
+from .wav2vec import Wav2VecEncoder
 from .checkpoints import build_model, load_weights
 from .config import MultiTalkConfig
 from .transformer import MultiTalkTransformer3DModel

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import skimage.data
 
-from multitalk_model.audio import build_tiny_wav2vec2
+from multitalk_model.wav2vec import build_tiny_wav2vec2
 from multitalk_model.media import write_video
 from multitalk_model.synth import synthesize_speech
 from pipelines.schema import AUDIO_RATE, SAMPLE_FPS

@@ -13,15 +13,13 @@ import torch
 from multitalk_model.audio import (
     SAMPLE_RATE,
     AudioError,
-    Wav2VecEncoder,
-    audio_windows,
-    build_tiny_wav2vec2,
     compose_persons,
     load_audio_track,
     load_speech,
     loudness_normalize,
     mix_tracks,
 )
+from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows, build_tiny_wav2vec2
 from multitalk_model.synth import synthesize_speech, write_wav
 
 

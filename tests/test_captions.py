@@ -24,7 +24,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from multitalk_model.audio import build_tiny_wav2vec2
+from multitalk_model.wav2vec import build_tiny_wav2vec2
 from multitalk_model.media import read_video_frames, write_video
 from multitalk_model.syncnet import SyncNet
 from pipelines.config import ConfigError, CurationConfig, load_config

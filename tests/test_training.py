@@ -28,7 +28,8 @@ import yaml
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
-from multitalk_model.audio import build_tiny_wav2vec2, load_audio_track
+from multitalk_model.audio import load_audio_track
+from multitalk_model.wav2vec import build_tiny_wav2vec2
 from multitalk_model.build_tiny import build_tiny_model_dir
 from multitalk_model.checkpoints import build_model, load_weights
 from multitalk_model.config import get_preset

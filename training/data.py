@@ -32,7 +32,7 @@ import webdataset as wds
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from multitalk_model.audio import audio_windows
+from multitalk_model.wav2vec import audio_windows
 from multitalk_model.config import MultiTalkConfig
 from multitalk_model.faces import Face
 from multitalk_model.regions import Box, locate_persons, region_masks

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from multitalk_model.audio import Wav2VecEncoder, loudness_normalize
+from multitalk_model.audio import loudness_normalize
+from multitalk_model.wav2vec import Wav2VecEncoder
 from pipelines.config import CurationConfig
 from pipelines.record import Clip
 
