@@ -28,7 +28,6 @@ from .audio import (
     SAMPLE_RATE,
     VIDEO_FPS,
     AudioError,
-    audio_windows,
     compose_persons,
     load_audio_track,
     loudness_normalize,
@@ -53,6 +52,7 @@ from .regions import (
     validate_box,
 )
 from .sampling import add_noise, euler_step, shifted_timesteps
+from .wav2vec import audio_windows
 
 logger = logging.getLogger(__name__)
 

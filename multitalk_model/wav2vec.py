@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from multitalk_model.audio import SAMPLE_RATE, VIDEO_FPS
+from .audio import SAMPLE_RATE, VIDEO_FPS
 
 
 class Wav2VecEncoder:
