@@ -39,11 +39,11 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch.utils.hooks import RemovableHandle
 
 from multitalk_model.localization import region_scores
-from multitalk_model.lrope import apply_label_rope
 from multitalk_model.transformer import (
     MultiTalkAudioAttention,
     MultiTalkTransformer3DModel,
     apply_wan_rope,
+    frame_local_audio_attention,
 )
 
 # MultiTalkTransformerBlock.forward, as `run_blocks` calls it: everything positional.
@@ -253,31 +253,17 @@ class _FrameLocalAudioAttnProcessor:
         split = self.split
         start, valid, per_frame = split.start, split.valid, split.per_frame
         first_frame, last_frame = start // per_frame, (start + valid - 1) // per_frame
-        num_frames = last_frame - first_frame + 1
-        batch, num_audio = audio_tokens.shape[0], audio_tokens.shape[2]
-        audio_tokens = audio_tokens[:, first_frame : last_frame + 1]
-
-        query = attn.to_q(hidden_states[:, :valid]).unflatten(2, (attn.heads, -1))  # [B, valid, H, D]
-        key = attn.to_k(audio_tokens).unflatten(-1, (attn.heads, -1))  # [B, frames, N, H, D]
-        value = attn.to_v(audio_tokens).unflatten(-1, (attn.heads, -1))
-        if query_labels is not None:
-            query = apply_label_rope(query, query_labels[:, :valid])  # past `valid`: padding and the extreme rows
-            key = apply_label_rope(key, key_labels[:, None])
-
-        # Zero queries pad the chunk out to whole frames, which then fold into the batch as in the unsharded
-        # processor; their outputs are cut off again.
+        # The chunk's real tokens, padded out to whole frames: then they fold into frames as in the unsharded
+        # processor. Past `valid` are padding and (in the labels) the extreme rows; the pad rows' outputs are cut.
         lead = start - first_frame * per_frame
-        trail = num_frames * per_frame - lead - valid
-        query = F.pad(query, (0, 0, 0, 0, lead, trail)).unflatten(1, (num_frames, per_frame)).flatten(0, 1)
-        key, value = key.flatten(0, 1), value.flatten(0, 1)
-        mask = None
-        if key_mask is not None:
-            mask = key_mask[:, None].expand(-1, num_frames, -1).reshape(batch * num_frames, 1, 1, num_audio)
-
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
-        out = out.reshape(batch, -1, attn.heads * attn.head_dim)[:, lead : lead + valid].type_as(hidden_states)
-        out = F.pad(out, (0, 0, 0, hidden_states.shape[1] - valid))
-        return attn.to_out(out)
+        trail = (last_frame - first_frame + 1) * per_frame - lead - valid
+        states = F.pad(hidden_states[:, :valid], (0, 0, lead, trail))
+        labels = None if query_labels is None else F.pad(query_labels[:, :valid], (lead, trail))
+        audio_tokens = audio_tokens[:, first_frame : last_frame + 1]
+        out = frame_local_audio_attention(
+            attn, states, audio_tokens, labels, key_labels, key_mask, self._attention_backend
+        )[:, lead : lead + valid]
+        return F.pad(out, (0, 0, 0, hidden_states.shape[1] - valid))
 
 
 @dataclass

@@ -126,6 +126,30 @@ def test_one_person_skips_localisation_and_lrope(tiny_model, monkeypatch):
         tiny_model(**inputs)
 
 
+def test_folded_audio_projections_equal_the_plain_audio_attention_and_its_gradients():
+    """One person takes the folded path (heads x audio tokens < dim); zero labels make label RoPE the identity and
+    force the plain path, so both must agree, masked keys and weight gradients included."""
+    torch.manual_seed(0)
+    attn = transformer_module.MultiTalkAudioAttention(dim=64, audio_dim=24, heads=4)
+    hidden = torch.randn(2, 3 * 10, 64)  # 3 latent frames of 10 tokens
+    audio = torch.randn(2, 3, 8, 24)  # 8 audio tokens per frame: 4 x 8 < 64
+    key_mask = torch.ones(2, 8, dtype=torch.bool)
+    key_mask[1, 5:] = False  # the second sample has fewer streams: padded keys
+    zero_query_labels, zero_key_labels = torch.zeros(2, 30), torch.zeros(2, 8)
+
+    outputs, gradients = [], []
+    for labels in ((None, None), (zero_query_labels, zero_key_labels)):
+        attn.zero_grad()
+        out = transformer_module.frame_local_audio_attention(attn, hidden, audio, *labels, key_mask=key_mask)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        gradients.append({name: param.grad.clone() for name, param in attn.named_parameters()})
+
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_stream_counts_in_one_batch_equal_separate_forwards(tiny_model):
     # The guidance passes: two streams (cond) and one silent stream (null audio) share one forward.
     two = make_inputs(persons=2, seed=1)
