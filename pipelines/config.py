@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from multitalk_model.config import check_clip_frames
+from multitalk_model.config_file import ConfigError, ConfigSection, absolute_location, read_config, require
 from pipelines.schema import Kind
 
 # whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
@@ -27,15 +27,7 @@ WHISPERX_REQUIREMENTS = (
 )
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and the field."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClipsConfig(_Section):
+class ClipsConfig(ConfigSection):
     frame_num: int = Field(default=81, description="frames per clip at 25 fps (4n + 1)")
     stride: int | None = Field(default=None, ge=1, description="frames between window starts (default: frame_num)")
     resolution: Literal["480p", "720p"] = Field(default="480p", description="bucket family of the clip's size")
@@ -47,7 +39,7 @@ class ClipsConfig(_Section):
     _frames_are_4n_plus_1 = field_validator("frame_num")(check_clip_frames)
 
 
-class FacesConfig(_Section):
+class FacesConfig(ConfigSection):
     detector: Literal["auto", "mtcnn", "haar", "insightface"] = Field(
         default="auto", description="face detector; auto = insightface when a pack is given, else MTCNN"
     )
@@ -65,13 +57,13 @@ class FacesConfig(_Section):
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per face detector actor")
 
 
-class AudioConfig(_Section):
+class AudioConfig(ConfigSection):
     silence_dbfs: float = Field(default=-60.0, description="a source whose audio RMS is below this is silent")
     vad_threshold: float = Field(default=0.5, gt=0, lt=1, description="Silero VAD speech probability threshold")
     min_speech_s: float = Field(default=0.5, ge=0, description="voice activity a clip needs (single and dual)")
 
 
-class SpeakersConfig(_Section):
+class SpeakersConfig(ConfigSection):
     still_motion: float = Field(
         default=1.0, gt=0, description="mouth motion (grey levels) below which a face is taken as not speaking"
     )
@@ -80,7 +72,7 @@ class SpeakersConfig(_Section):
     min_binding_confidence: float = Field(default=0.2, ge=0, le=1, description="lowest binding confidence kept")
 
 
-class SyncConfig(_Section):
+class SyncConfig(ConfigSection):
     max_offset_frames: int = Field(default=5, ge=0, description="largest offset the correlation searches, frames")
     min_confidence: float = Field(
         default=0.0, ge=-1, le=1, description="lowest correlation sync score kept (single and dual)"
@@ -96,7 +88,7 @@ class SyncConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per SyncNet actor (0: run on CPU)")
 
 
-class AsrConfig(_Section):
+class AsrConfig(ConfigSection):
     model_path: str | None = Field(
         default=None, description="faster-whisper (CTranslate2) model directory; word timings are added when set"
     )
@@ -126,7 +118,7 @@ class AsrConfig(_Section):
     )
 
 
-class CaptionsConfig(_Section):
+class CaptionsConfig(ConfigSection):
     model_path: str | None = Field(
         default=None, description="vision-language model directory (transformers image-text-to-text: BLIP, LLaVA, ...)"
     )
@@ -141,7 +133,7 @@ class CaptionsConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per captioner actor (0: run on CPU)")
 
 
-class Wav2VecConfig(_Section):
+class Wav2VecConfig(ConfigSection):
     model_path: str | None = Field(default=None, description="wav2vec2 checkpoint directory (chinese-wav2vec2-base)")
     batch_size: int = Field(default=8, ge=1, description="clips per wav2vec2 batch")
     num_actors: int = Field(default=1, ge=1, description="wav2vec2 actors")
@@ -149,11 +141,11 @@ class Wav2VecConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per wav2vec2 actor (0: run on CPU)")
 
 
-class ShardsConfig(_Section):
+class ShardsConfig(ConfigSection):
     size: int = Field(default=64, ge=1, description="most clips per shard")
 
 
-class CurationConfig(_Section):
+class CurationConfig(ConfigSection):
     input: str | None = Field(default=None, description="folder/URI of videos, or a manifest (.jsonl/.csv/.parquet)")
     output: str | None = Field(default=None, description="folder/URI the shards, manifest and report are written to")
     default_kind: Kind = Field(default="single", description="corpus kind of videos listed from a folder")
@@ -174,29 +166,11 @@ class CurationConfig(_Section):
 
 def load_config(path: str | os.PathLike, **overrides: str | None) -> CurationConfig:
     """Read and validate a YAML config; non-None `overrides` (input, output) replace top-level fields."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read the config ({error})") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
-    raw.update({key: value for key, value in overrides.items() if value is not None})
-    try:
-        config = CurationConfig.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc'])}: {issue['msg']}" for issue in error.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from error
-    required = {"input": config.input, "output": config.output, "wav2vec.model_path": config.wav2vec.model_path}
-    for field, value in required.items():
-        if not value:
-            raise ConfigError(f"{path}: {field}: required (in the config or on the command line)")
-    # Workers may run in another directory: relative local paths are taken from where the run starts.
-    config.input, config.output = _absolute(config.input), _absolute(config.output)
+    config = read_config(path, CurationConfig, overrides)
+    require(path, {"input": config.input, "output": config.output, "wav2vec.model_path": config.wav2vec.model_path})
+    config.input, config.output = absolute_location(config.input), absolute_location(config.output)
     if config.faces.insightface_pack:
-        config.faces.insightface_pack = _absolute(config.faces.insightface_pack)
+        config.faces.insightface_pack = absolute_location(config.faces.insightface_pack)
     directories = ("wav2vec.model_path", "asr.model_path", "asr.whisperx_align_model_path",
                    "asr.whisperx_diarization_path", "captions.model_path")  # fmt: skip
     for field in directories:
@@ -223,11 +197,7 @@ def _check_local(config: CurationConfig, path: Path, field: str, exists: Callabl
     value = getattr(section, name)
     if not value:
         return
-    value = _absolute(value)
+    value = absolute_location(value)
     setattr(section, name, value)
     if not exists(Path(value)):
         raise ConfigError(f"{path}: {field}: {value} is not {kind}")
-
-
-def _absolute(location: str) -> str:
-    return location if "://" in location else str(Path(location).expanduser().resolve())

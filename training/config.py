@@ -6,22 +6,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from multitalk_model.config import PRESETS, check_clip_frames
+from multitalk_model.config_file import ConfigError, ConfigSection, absolute_location, read_config, require
 from pipelines.schema import Kind
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and the field."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Section):
+class ModelConfig(ConfigSection):
     preset: str = Field(default="multitalk-14b", description="architecture: a preset of multitalk_model.config")
     model_dir: str | None = Field(
         default=None,
@@ -43,7 +35,7 @@ class ModelConfig(_Section):
         return value
 
 
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     path: str | None = Field(default=None, description="folder of curated webdataset shards (--data overrides)")
     ai2v_kinds: list[Kind] = Field(
         default=["single"], min_length=1, description="shard kinds trained with audio + image (stage 1 single, 2 dual)"
@@ -64,7 +56,7 @@ class DataConfig(_Section):
     _frames_are_4n_plus_1 = field_validator("num_frames")(check_clip_frames)
 
 
-class ObjectiveConfig(_Section):
+class ObjectiveConfig(ConfigSection):
     timestep_shift: float = Field(default=7.0, gt=0, description="shift of the sampled flow timesteps (as inference)")
     timestep_sampling: Literal["uniform", "logit_normal"] = Field(
         default="uniform", description="distribution of the timesteps before the shift"
@@ -74,7 +66,7 @@ class ObjectiveConfig(_Section):
     null_prompt: str = Field(default="", description="what a dropped caption (or a clip without one) becomes")
 
 
-class OptimizerConfig(_Section):
+class OptimizerConfig(ConfigSection):
     lr: float = Field(default=2e-5, gt=0, description="AdamW learning rate after the warm-up (then constant)")
     warmup_steps: int = Field(default=500, ge=0, description="optimizer steps of linear warm-up from 0")
     betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
@@ -83,13 +75,13 @@ class OptimizerConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0, description="global gradient norm clip")
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(ConfigSection):
     zero_stage: Literal[1, 2, 3] = Field(default=2, description="ZeRO stage (3 also partitions the frozen weights)")
     reduce_bucket_size: int = Field(default=200_000_000, ge=1, description="elements per gradient reduce bucket")
     overlap_comm: bool = Field(default=True, description="overlap gradient reduction with backward")
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(ConfigSection):
     max_steps: int = Field(default=10_000, ge=1, description="optimizer steps of the run (--max-steps overrides)")
     global_batch_size: int = Field(default=64, ge=1, description="samples per optimizer step, all workers together")
     micro_batch_size: int = Field(default=1, ge=1, description="samples per worker per forward")
@@ -101,7 +93,7 @@ class ScheduleConfig(_Section):
     seed: int = Field(default=0, description="seed of initialisation, noise, timesteps, dropout and data order")
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(ConfigSection):
     run_name: str = Field(default="multitalk-train", description="Ray Train run name; rerunning it resumes")
     num_workers: int = Field(default=64, ge=1, description="training workers (one per GPU)")
     use_gpu: bool = Field(default=True, description="one GPU per worker")
@@ -111,13 +103,13 @@ class ClusterConfig(_Section):
     local_num_cpus: int = Field(default=2, ge=1, description="CPUs of an embedded local Ray")
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(ConfigSection):
     peak_tflops: float = Field(
         default=989.5, gt=0, description="dense peak TFLOP/s of one device in the training dtype, for MFU"
     )
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(ConfigSection):
     output: str | None = Field(
         default=None, description="folder for checkpoints, TensorBoard, metrics and the export (--output overrides)"
     )
@@ -153,48 +145,17 @@ def load_config(
     max_steps: int | None = None,
 ) -> TrainingConfig:
     """Read and validate a YAML config; the non-None arguments override data.path, output and schedule.max_steps."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read the config ({error})") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
-    overrides = {("data", "path"): data, ("output",): output, ("schedule", "max_steps"): max_steps}
-    for keys, value in overrides.items():
-        if value is None:
-            continue
-        section = raw
-        for key in keys[:-1]:
-            section = section.setdefault(key, {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{path}: {key}: expected a mapping of fields")
-        section[keys[-1]] = value
-    try:
-        config = TrainingConfig.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc']) or '(top level)'}: {issue['msg']}"
-            for issue in error.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from error
-    required = {"output": config.output, "data.path": config.data.path, "model.model_dir": config.model.model_dir}
-    for field, value in required.items():
-        if not value:
-            raise ConfigError(f"{path}: {field}: required (in the config or on the command line)")
-    # Workers may start in another directory: relative paths are taken from where the run starts.
-    config.output = _absolute(config.output)
-    config.data.path = _absolute(config.data.path)
-    config.model.model_dir = _absolute(config.model.model_dir)
+    overrides = {"data.path": data, "output": output, "schedule.max_steps": max_steps}
+    config = read_config(path, TrainingConfig, overrides)
+    require(path, {"output": config.output, "data.path": config.data.path, "model.model_dir": config.model.model_dir})
+    config.output = absolute_location(config.output)
+    config.data.path = absolute_location(config.data.path)
+    config.model.model_dir = absolute_location(config.model.model_dir)
     if config.model.audio_weights:
-        config.model.audio_weights = _absolute(config.model.audio_weights)
+        config.model.audio_weights = absolute_location(config.model.audio_weights)
     for field, folder in (("data.path", config.data.path), ("model.model_dir", config.model.model_dir)):
         if not Path(folder).is_dir():
             raise ConfigError(f"{path}: {field}: {folder} is not a directory")
     if config.model.audio_weights and not Path(config.model.audio_weights).is_file():
         raise ConfigError(f"{path}: model.audio_weights: {config.model.audio_weights} is not a file")
     return config
-
-
-def _absolute(location: str) -> str:
-    return str(Path(location).expanduser().resolve())
