@@ -41,6 +41,19 @@ def apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Te
     return out.type_as(x)
 
 
+def self_attention_projections(
+    attn: AttentionModuleMixin, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Wan self-attention's queries and keys (normalised, then rotated) and values: [B, L, H, D] each."""
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = apply_wan_rope(query, *rotary_emb)
+        key = apply_wan_rope(key, *rotary_emb)
+    return query, key, value
+
+
 class MultiTalkSelfAttnProcessor:
     """Wan self-attention that also measures, when given region values, where each token looks on frame 0.
 
@@ -60,12 +73,7 @@ class MultiTalkSelfAttnProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         region_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_wan_rope(query, *rotary_emb)
-            key = apply_wan_rope(key, *rotary_emb)
+        query, key, value = self_attention_projections(attn, hidden_states, rotary_emb)
 
         scores = None
         if region_values is not None:

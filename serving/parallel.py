@@ -42,8 +42,8 @@ from multitalk_model.localization import region_scores
 from multitalk_model.transformer import (
     MultiTalkAudioAttention,
     MultiTalkTransformer3DModel,
-    apply_wan_rope,
     frame_local_audio_attention,
+    self_attention_projections,
 )
 
 # MultiTalkTransformerBlock.forward, as `run_blocks` calls it: everything positional.
@@ -203,12 +203,7 @@ class _UlyssesSelfAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("sequence-parallel self-attention takes neither a context nor a mask")
         split = self.split
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_wan_rope(query, *rotary_emb)
-            key = apply_wan_rope(key, *rotary_emb)
+        query, key, value = self_attention_projections(attn, hidden_states, rotary_emb)
 
         # One all-to-all for all three (stacked along the batch) instead of three.
         stacked = _all_tokens_my_heads(torch.cat([query, key, value]), split.group, split.world)
