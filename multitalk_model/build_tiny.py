@@ -31,9 +31,9 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from .wav2vec import build_tiny_wav2vec2
 from .checkpoints import build_model
 from .config import get_preset
+from .wav2vec import build_tiny_wav2vec2
 
 # Whole words a prompt is likely to use; anything else splits into characters, then UTF-8 bytes.
 _WORDS = """

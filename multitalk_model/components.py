@@ -59,10 +59,10 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .wav2vec import Wav2VecEncoder
 from .checkpoints import build_model, load_weights
 from .config import MultiTalkConfig
 from .transformer import MultiTalkTransformer3DModel
+from .wav2vec import Wav2VecEncoder
 
 SUBFOLDERS = (
     "text_encoder",

@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import skimage.data
 
-from multitalk_model.wav2vec import build_tiny_wav2vec2
 from multitalk_model.media import write_video
 from multitalk_model.synth import synthesize_speech
+from multitalk_model.wav2vec import build_tiny_wav2vec2
 from pipelines.schema import AUDIO_RATE, SAMPLE_FPS
 
 _SAMPLES_PER_FRAME = AUDIO_RATE // SAMPLE_FPS

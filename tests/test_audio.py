@@ -19,8 +19,8 @@ from multitalk_model.audio import (
     loudness_normalize,
     mix_tracks,
 )
-from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows, build_tiny_wav2vec2
 from multitalk_model.synth import synthesize_speech, write_wav
+from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows, build_tiny_wav2vec2
 
 
 @pytest.fixture(scope="module")

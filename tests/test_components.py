@@ -10,7 +10,6 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from multitalk_model.wav2vec import audio_windows
 from multitalk_model.build_tiny import build_tiny_model_dir, main as build_tiny_main
 from multitalk_model.checkpoints import _original_name, build_model, export_audio_weights
 from multitalk_model.components import (
@@ -23,6 +22,7 @@ from multitalk_model.components import (
 )
 from multitalk_model.config import get_preset
 from multitalk_model.transformer import model_kwargs
+from multitalk_model.wav2vec import audio_windows
 
 TINY = get_preset("tiny")
 TINY_AUDIO_CONFIG = {field: getattr(TINY, field) for field in AUDIO_FIELDS}

@@ -32,10 +32,10 @@ import webdataset as wds
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from multitalk_model.wav2vec import audio_windows
 from multitalk_model.config import MultiTalkConfig
 from multitalk_model.faces import Face
 from multitalk_model.regions import Box, locate_persons, region_masks
+from multitalk_model.wav2vec import audio_windows
 from pipelines.schema import JSON_KEY, MP4_KEY, WAV2VEC_KEY, ClipMetadata, parse_shard_name
 
 from training.config import DataConfig
