@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,11 +156,26 @@ def local_ray_cluster(num_cpus: int = 2, keep_running: bool = False) -> Iterator
 
 
 def submit_job(cluster: LocalCluster, *entrypoint: str) -> None:
-    """`ray job submit` of a command run in an uploaded copy of this repository; raises if the job fails."""
-    subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.job_address, "--working-dir", str(ROOT), "--", *entrypoint],
-        env=_ray_env(), check=True,
-    )
+    """`ray job submit` of a command run in an uploaded copy of this repository, then its logs until it ends;
+    raises if the job fails."""
+    env, address = _ray_env(), ["--address", cluster.job_address]
+    submit = [RAY, "job", "submit", *address, "--working-dir", str(ROOT), "--no-wait", "--", *entrypoint]
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = subprocess.run(submit, env=env, capture_output=True, text=True)
+        said = submitted.stdout + submitted.stderr
+        if submitted.returncode == 0:
+            break
+        # The head's job agent registers a little after the dashboard answers: until then submissions are refused.
+        if "No available agent" not in said or time.monotonic() > deadline:
+            raise RuntimeError(f"ray job submit failed:\n{said}")
+        time.sleep(2)
+    job_id = re.search(r"Job '(\S+)' submitted successfully", said).group(1)
+    print(f"   ray job submit ... -- {' '.join(entrypoint)}  ->  job {job_id}")
+    subprocess.run([RAY, "job", "logs", *address, "--follow", job_id], env=env, check=True)
+    status = subprocess.run([RAY, "job", "status", *address, job_id], env=env, capture_output=True, text=True)
+    if f"Job '{job_id}' succeeded" not in status.stdout + status.stderr:
+        raise RuntimeError(f"job {job_id} did not succeed:\n{status.stdout}{status.stderr}")
 
 
 def with_absolute_paths(template: Path, out: Path, updates: dict) -> Path:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -213,6 +214,75 @@ def test_startup_check_fails_when_a_frozen_parameter_would_get_gradients(tiny_mo
 
     with pytest.raises(RuntimeError, match=r"outside the audio branch would get gradients: blocks\.0\.ffn\.net\.2\."):
         check_trainable(model)
+
+
+def _zero3_rank(rank: int, port: int, out_dir: Path) -> None:
+    """One of two ranks: the tiny model's one- and two-person forwards before and under ZeRO-3, then one step."""
+    import deepspeed
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")  # what DeepSpeed reads of a launcher
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = build_model(TINY, "cpu").train()
+    audio = [param for name, param in model.named_parameters() if name in set(model.audio_parameter_names())]
+    model.requires_grad_(False)
+    for param in audio:
+        param.requires_grad_(True)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        persons: {
+            "hidden_states": torch.randn(1, TINY.in_channels, 3, 8, 8, generator=generator),
+            "timestep": torch.full((1,), 500.0),
+            "encoder_hidden_states": torch.randn(1, 7, TINY.text_dim, generator=generator),
+            "encoder_hidden_states_image": torch.randn(1, 257, TINY.image_dim, generator=generator),
+            "audio": torch.randn(
+                1, persons, 9, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=generator
+            ),
+            "region_masks": torch.stack([torch.ones(8, 8).tril(), torch.ones(8, 8).triu(1), torch.zeros(8, 8)])[None]
+            if persons == 2 else None,
+        }
+        for persons in (1, 2)
+    }  # fmt: skip
+    with torch.no_grad():
+        before = {persons: model(**batch).sample for persons, batch in inputs.items()}
+    config = {
+        "train_batch_size": 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition every weight
+        "steps_per_print": 2**31 - 1,
+    }
+    optimizer = torch.optim.AdamW(audio, lr=1e-2)
+    engine = deepspeed.initialize(
+        model=model, model_parameters=audio, optimizer=optimizer, config=config, dist_init_required=False
+    )[0]
+    partitioned = all(param.data.numel() == 0 for param in audio)
+    under_zero3 = {persons: engine(**batch).sample.detach() for persons, batch in inputs.items()}
+    engine.backward(engine(**inputs[1]).sample.square().mean())
+    engine.step()
+    with torch.no_grad():
+        trained = engine(**inputs[1]).sample
+    result = {"partitioned": partitioned, "before": before, "zero3": under_zero3, "trained": trained}
+    torch.save(result, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_zero3_partitions_every_weight_and_the_forwards_and_a_step_still_work(tmp_path):
+    """The one-person audio attention reads its projection weights inside its forward (folded into the audio keys and
+    values): ZeRO-3 must gather them there too."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_zero3_rank, args=(port, tmp_path), nprocs=2)
+
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["partitioned"]
+        for persons in (1, 2):
+            torch.testing.assert_close(result["zero3"][persons], result["before"][persons])
+        assert not torch.allclose(result["trained"], result["before"][1])  # the audio branch trained
 
 
 def test_first_frame_condition_is_the_inference_mask():
