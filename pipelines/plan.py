@@ -5,8 +5,7 @@ Ray). Both run the same stage classes with the same arguments, so they curate th
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -39,7 +38,7 @@ class Step:
     actors: int = 0  # > 0: an actor pool of this size, for stages that hold a model; 0: stateless tasks
     fan_out: bool = False  # one record in, a list of records out
     batch_size: int = 0  # > 0: called on batches of this many records ({"clip": object array})
-    runtime_env: dict | None = field(default=None)
+    runtime_env: dict | None = None
 
     @property
     def name(self) -> str:
@@ -87,7 +86,7 @@ def to_dataset(steps: list[Step], inputs: list[dict]) -> ray.data.Dataset:
     """The Ray Data graph of `steps` over input records; its rows are the shard writer's results."""
     # The `clip` column holds Clip objects: say that pickling them is intended (Ray warns on every block otherwise).
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
-    ds = ray.data.from_items([{"clip": Clip(**row)} for row in inputs], override_num_blocks=max(1, len(inputs)))
+    ds = ray.data.from_items(_input_records(inputs), override_num_blocks=max(1, len(inputs)))
     for step in steps:
         options: dict = {"num_cpus": step.num_cpus}
         if step.num_gpus:
@@ -111,11 +110,11 @@ def to_dataset(steps: list[Step], inputs: list[dict]) -> ray.data.Dataset:
 
 def run_serially(
     steps: list[Step], inputs: list[dict], seconds_by_step: dict[str, float] | None = None
-) -> Iterator[dict]:
+) -> list[dict]:
     """The rows `to_dataset` yields, computed step after step in this process (each stage built once; model
     loading counts in its step's time). Holds every record of a step in memory: for small runs."""
     seconds_by_step = {} if seconds_by_step is None else seconds_by_step
-    rows = [{"clip": Clip(**row)} for row in inputs]
+    rows = _input_records(inputs)
     for step in steps:
         started = time.perf_counter()
         stage = step.stage(**step.kwargs)
@@ -126,8 +125,13 @@ def run_serially(
             rows = [out for row in rows for out in stage(row)]
         else:
             rows = [stage(row) for row in rows]
-        seconds_by_step[step.name] = seconds_by_step.get(step.name, 0.0) + time.perf_counter() - started
-    yield from rows
+        seconds_by_step[step.name] = time.perf_counter() - started
+    return rows
+
+
+def _input_records(inputs: list[dict]) -> list[dict]:
+    """One record per input (a listed path with its kind and caption), as the first stage takes them."""
+    return [{"clip": Clip(**row)} for row in inputs]
 
 
 def _call_on_batch(stage, rows: list[dict]) -> list[dict]:

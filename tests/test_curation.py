@@ -246,7 +246,7 @@ def test_rerun_over_a_finished_output_cuts_no_window_again(corpus, tmp_path):
     assert any(row["clip_id"] for row in _rejects(corpus))
     probe_and_shots = curation_steps(config, CorpusSink(str(corpus)).done_clip_ids)[:2]
 
-    rows = list(run_serially(probe_and_shots, list_inputs(config.input, config.default_kind)))
+    rows = run_serially(probe_and_shots, list_inputs(config.input, config.default_kind))
 
     assert rows and all(row["clip"].rejected and row["clip"].clip_id is None for row in rows)  # whole-input rejects
 
