@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lock clean
+.PHONY: install demo test lint lock clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# ruff: lint rules, import order and formatting (settings in pyproject.toml). CI runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Re-record constraints.txt from the current environment (after changing pyproject.toml).
 lock:

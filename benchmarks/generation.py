@@ -24,8 +24,17 @@ from multitalk_model.guidance import GuidanceScales, GuidedDenoiser, StepCache
 from multitalk_model.sampling import euler_step, shifted_timesteps
 
 CONFIG = MultiTalkConfig(
-    num_layers=4, num_attention_heads=8, attention_head_dim=64, ffn_dim=1408, freq_dim=256, text_dim=256,
-    image_dim=256, audio_channels=64, audio_intermediate_dim=128, audio_dim=256, audio_tokens=8,
+    num_layers=4,
+    num_attention_heads=8,
+    attention_head_dim=64,
+    ffn_dim=1408,
+    freq_dim=256,
+    text_dim=256,
+    image_dim=256,
+    audio_channels=64,
+    audio_intermediate_dim=128,
+    audio_dim=256,
+    audio_tokens=8,
 )
 LATENT = (5, 16, 28)  # 17 frames of 128x224
 
@@ -79,18 +88,28 @@ def main() -> None:
     model = build_model(CONFIG, "cpu").eval()
     conds = conditions()
     latent = torch.randn(1, CONFIG.in_channels, *LATENT)
-    print(f"config: dim {CONFIG.dim}, {CONFIG.num_layers} layers, latent {LATENT}, 2 persons, threads {torch.get_num_threads()}")
+    print(
+        f"config: dim {CONFIG.dim}, {CONFIG.num_layers} layers, latent {LATENT}, 2 persons, "
+        f"threads {torch.get_num_threads()}"
+    )
     for scales in (GuidanceScales(text=5.0, audio=4.0), GuidanceScales(text=1.0, audio=4.0)):
         batched = GuidedDenoiser(model, scales, **conds, batched=True)
         sequential = GuidedDenoiser(model, scales, **conds, batched=False)
         torch.testing.assert_close(batched(latent, 500.0), sequential(latent, 500.0), rtol=1e-4, atol=1e-4)
-        batched_s, sequential_s = step_seconds(batched, latent, args.repeats), step_seconds(sequential, latent, args.repeats)
+        batched_s, sequential_s = (
+            step_seconds(batched, latent, args.repeats),
+            step_seconds(sequential, latent, args.repeats),
+        )
         print(
-            f"{len(batched.passes)} passes per step: batched {batched_s * 1000:.0f} ms, sequential {sequential_s * 1000:.0f} ms"
+            f"{len(batched.passes)} passes per step: batched {batched_s * 1000:.0f} ms, "
+            f"sequential {sequential_s * 1000:.0f} ms"
             f" -> batched/sequential = {batched_s / sequential_s:.2f}x"
         )
     for threshold in (0.2, 0.5):
-        print(f"step cache at threshold {threshold}: {skipped_fraction(model, conds, threshold):.1%} of pass forwards skipped (40 steps)")
+        print(
+            f"step cache at threshold {threshold}: "
+            f"{skipped_fraction(model, conds, threshold):.1%} of pass forwards skipped (40 steps)"
+        )
 
 
 if __name__ == "__main__":

@@ -86,8 +86,13 @@ def api_share(client: httpx.Client, repeats: int) -> None:
         ended = _epoch(job["result"]["generation_ended_at"])
         available = _epoch(job["finished_at"])
         assert client.get(job["content_url"], headers=AUTH).status_code == 200
-        spans = {"accept": accepted - sent, "dispatch": claimed - accepted, "inputs": started - claimed,
-                 "store result": available - ended, "total": available - sent}
+        spans = {
+            "accept": accepted - sent,
+            "dispatch": claimed - accepted,
+            "inputs": started - claimed,
+            "store result": available - ended,
+            "total": available - sent,
+        }
         for name, seconds in spans.items():
             parts[name].append(seconds)
         shares.append((started - sent + available - ended) / (available - sent))

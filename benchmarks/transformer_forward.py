@@ -119,7 +119,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     multitalk = build_model(CONFIG, "cpu").eval()
-    base_kwargs = {k: v for k, v in model_kwargs(CONFIG).items() if not k.startswith(("audio_", "vae_", "norm_", "text_len"))}
+    base_kwargs = {
+        k: v for k, v in model_kwargs(CONFIG).items() if not k.startswith(("audio_", "vae_", "norm_", "text_len"))
+    }
     plain = WanTransformer3DModel(**base_kwargs).eval()
     missing, unexpected = plain.load_state_dict(multitalk.state_dict(), strict=False)
     assert not missing, missing  # same base weights; `unexpected` is the audio branch
@@ -150,7 +152,10 @@ def main() -> None:
     print(f"plain diffusers Wan forward: {plain_s * 1000:.0f} ms")
     for persons, target in ((1, 1.10), (2, 1.20)):
         seconds = statistics.median(times[persons])
-        print(f"MultiTalk {persons} person(s): {seconds * 1000:.0f} ms = {seconds / plain_s:.3f}x plain (target <= {target:.2f}x)")
+        print(
+            f"MultiTalk {persons} person(s): {seconds * 1000:.0f} ms = {seconds / plain_s:.3f}x plain "
+            f"(target <= {target:.2f}x)"
+        )
 
     ours, reference = peak_extra_memory("ours"), peak_extra_memory("reference")
     print(

@@ -66,7 +66,7 @@ class ForwardFlops:
 
 def video_tokens(config: MultiTalkConfig, latent_shape: tuple[int, int, int]) -> int:
     """Tokens of a [T, H, W] latent after patching."""
-    return math.prod(size // patch for size, patch in zip(latent_shape, config.patch_size))
+    return math.prod(size // patch for size, patch in zip(latent_shape, config.patch_size, strict=False))
 
 
 def forward_flops(config: MultiTalkConfig, latent_shape: tuple[int, int, int], num_persons: int) -> ForwardFlops:
@@ -101,13 +101,15 @@ def forward_flops(config: MultiTalkConfig, latent_shape: tuple[int, int, int], n
     self_attention = layers * (4 * mm(tokens, d, d) + 2 * mm(tokens, d, tokens))
     localisation = 0
     if num_persons > 1:
-        localisation = layers * (mm(tokens, d, ref_tokens) + mm(tokens, ref_tokens, num_persons + 1) * config.num_attention_heads)
+        localisation = layers * (
+            mm(tokens, d, ref_tokens) + mm(tokens, ref_tokens, num_persons + 1) * config.num_attention_heads
+        )
     context = config.text_len + CLIP_TOKENS
-    cross_attention = layers * (
-        2 * mm(tokens, d, d) + 2 * mm(context, d, d) + 2 * mm(tokens, d, context)
-    )
+    cross_attention = layers * (2 * mm(tokens, d, d) + 2 * mm(context, d, d) + 2 * mm(tokens, d, context))
     audio = layers * (
-        2 * mm(tokens, d, d) + 2 * mm(audio_tokens, config.audio_dim, d) + 2 * mm(tokens, d, num_persons * config.audio_tokens)
+        2 * mm(tokens, d, d)
+        + 2 * mm(audio_tokens, config.audio_dim, d)
+        + 2 * mm(tokens, d, num_persons * config.audio_tokens)
     )
     ffn = layers * 2 * mm(tokens, d, config.ffn_dim)
     head = mm(tokens, d, config.out_channels * patch)

@@ -95,7 +95,7 @@ def compose_persons(tracks: Sequence[np.ndarray], mode: Literal["add", "para"]) 
     else:
         raise ValueError(f"mode must be 'add' or 'para', got {mode!r}")
     composed = []
-    for track, start in zip(tracks, starts):
+    for track, start in zip(tracks, starts, strict=False):
         padded = np.zeros((*track.shape[:-1], total), dtype=track.dtype)
         padded[..., start : start + track.shape[-1]] = track
         composed.append(padded)

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import MultiTalkConfig
@@ -202,7 +202,9 @@ def load_weights(
                     unknown.append(f"{file.name}: {key}")
                     del shard[key]
                 elif shard[key].shape != expected[key].shape:
-                    mismatched.append(f"{key}: checkpoint {tuple(shard[key].shape)} vs model {tuple(expected[key].shape)}")
+                    mismatched.append(
+                        f"{key}: checkpoint {tuple(shard[key].shape)} vs model {tuple(expected[key].shape)}"
+                    )
                     del shard[key]
             _assign(model, shard, dtype, device)
             loaded.update(shard)

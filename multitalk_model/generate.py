@@ -38,16 +38,28 @@ OVERRIDES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m multitalk_model.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m multitalk_model.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--input", type=Path, required=True, help="job JSON (our schema or the official one)")
     parser.add_argument("--model-dir", type=Path, required=True, help="model directory (see components.py)")
     parser.add_argument("--out", type=Path, required=True, help="output mp4")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                        help="merge a LoRA (e.g. a few-step distillation LoRA) into the transformer; repeatable")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="merge a LoRA (e.g. a few-step distillation LoRA) into the transformer; repeatable",
+    )
     parser.add_argument("--attention-backend", default=None, help="diffusers attention backend, e.g. flash, native")
     parser.add_argument("--low-memory", action="store_true", help="keep only the running component on the device")
     parser.add_argument("--preview", type=Path, default=None, help="write the person regions over the image here")

@@ -220,7 +220,7 @@ class GuidedDenoiser:
             size = len(group)
             inputs = self.model.embed(latent_input.expand(size, -1, -1, -1, -1), timestep.expand(size), **conditions)
             velocity = self.model.finalize(self._run_blocks(group, inputs), inputs).float()
-            preds.update(zip(group, velocity.split(1)))
+            preds.update(zip(group, velocity.split(1), strict=False))
         return combine(preds, self.scales, self.apg)
 
     def _run_blocks(self, group: list[str], inputs: BlockStackInputs) -> torch.Tensor:
@@ -233,7 +233,7 @@ class GuidedDenoiser:
             residual = torch.cat([self.step_cache.reuse(name) for name in group])
             return inputs.hidden_states + residual
         hidden_states = self.model.run_blocks(inputs)
-        for name, residual in zip(group, (hidden_states - inputs.hidden_states).split(1)):
+        for name, residual in zip(group, (hidden_states - inputs.hidden_states).split(1), strict=False):
             self.step_cache.store(name, residual)
         return hidden_states
 

@@ -144,7 +144,7 @@ def _resolve(path: str, base_dir: Path) -> str:
 def _official_persons(data: dict[str, Any], base_dir: Path) -> list[dict[str, Any]]:
     """cond_audio {person1: path, ...} and bbox {person1: [y0, x0, y1, x1], ...} -> ordered person entries."""
     if "cond_audio" not in data:
-        raise JobError("cond_audio: missing (one audio file per person: {\"person1\": \"a.wav\", ...})")
+        raise JobError('cond_audio: missing (one audio file per person: {"person1": "a.wav", ...})')
     cond_audio, bbox = data["cond_audio"], data.get("bbox") or {}
     if not isinstance(cond_audio, dict) or not cond_audio:
         raise JobError(f"cond_audio: must map person1, person2, ... to audio paths, got {cond_audio!r}")

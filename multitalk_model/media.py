@@ -253,4 +253,3 @@ def write_video(
         temporary.unlink(missing_ok=True)
         raise
     return path
-

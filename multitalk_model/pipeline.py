@@ -36,8 +36,8 @@ from .audio import (
 )
 from .color import match_colors
 from .components import MultiTalkComponents, encode_image, encode_prompt, load_components, vae_decode, vae_encode
-from .faces import FaceDetector, build_face_detector
 from .config import get_preset
+from .faces import FaceDetector, build_face_detector
 from .guidance import TEACACHE_COEFFICIENTS, APGState, GuidanceScales, GuidedDenoiser, StepCache
 from .jobs import GenerationJob
 from .lora import merge_lora
@@ -175,12 +175,16 @@ class MultiTalkPipeline:
         else:
             boxes, region_source = locate_persons(source, num_persons, self.face_detector)
             if region_source != "faces":
-                logger.warning("person regions for %s: %s (face detection did not find every person)", job.image, region_source)
+                logger.warning(
+                    "person regions for %s: %s (face detection did not find every person)", job.image, region_source
+                )
 
         height, width = job.resolution or target_size(*source_hw, job.size)
         image = resize_and_center_crop(source, (height, width))
         masks = region_masks(boxes, source_hw) if num_persons > 1 else np.ones((2, *source_hw), np.float32)
-        masks = np.stack([resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks])
+        masks = np.stack(
+            [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
+        )
 
         originals, speech = [], []
         for index, person in enumerate(job.persons):
@@ -272,7 +276,9 @@ class MultiTalkPipeline:
                 motion_latent = None if first else vae_encode(c, condition[None].to(device))
             y = torch.cat([_condition_mask(motion, job.frame_num, *latent_shape[2:]).to(device), condition_latent], 1)
 
-            step_cache = StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
+            step_cache = (
+                StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
+            )
             denoiser = GuidedDenoiser(
                 c.transformer,
                 scales,
@@ -315,7 +321,7 @@ class MultiTalkPipeline:
         return TEACACHE_COEFFICIENTS["multitalk-480" if job.size == "480p" else "multitalk-720"]
 
     def _audio_features(self, prepared: PreparedJob, frames_needed: int) -> torch.Tensor:
-        """[1, P, frames_needed, window, layers, channels]: wav2vec features per person, past the audio's end reflected."""
+        """[1, P, frames_needed, window, layers, channels]: per-person wav2vec features, reflected past the end."""
         c = self.components
         speech_frames = int(len(prepared.speech[0]) / SAMPLE_RATE * VIDEO_FPS)
         # A clip longer than the audio still needs features for every frame: audio shorter than one clip is padded

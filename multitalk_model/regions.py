@@ -144,7 +144,7 @@ def person_region_from_face(face: Face, image_size_hw: tuple[int, int]) -> Box:
 
 def _split_neighbours(regions: list[Box], anchors: list[Box]) -> list[Box]:
     """Cut overlapping neighbours (sorted left to right) midway through the gap between their anchors (faces)."""
-    cuts = [(left[2] + right[0]) / 2 for left, right in zip(anchors, anchors[1:])]
+    cuts = [(left[2] + right[0]) / 2 for left, right in zip(anchors, anchors[1:], strict=False)]
     # Non-decreasing cuts keep non-neighbours apart too, even when anchors overlap horizontally.
     cuts = np.maximum.accumulate(cuts).tolist() if cuts else []
     split = []

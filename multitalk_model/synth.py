@@ -65,7 +65,7 @@ def _syllable(num_samples: int, sample_rate: int, pitch_hz: float, rng: np.rando
     # Glottal source spectrum tilt: a one-pole low-pass turns clicks into rounded pulses.
     voiced = lfilter([1.0], [1.0, -0.9], pulses)
     vowel_formants_hz = _VOWEL_FORMANTS_HZ[rng.integers(len(_VOWEL_FORMANTS_HZ))]
-    for formant_hz, bandwidth_hz in zip(vowel_formants_hz, _FORMANT_BANDWIDTHS_HZ):
+    for formant_hz, bandwidth_hz in zip(vowel_formants_hz, _FORMANT_BANDWIDTHS_HZ, strict=False):
         radius = np.exp(-np.pi * bandwidth_hz / sample_rate)
         angle = 2.0 * np.pi * formant_hz / sample_rate
         voiced = lfilter([1.0 - radius], [1.0, -2.0 * radius * np.cos(angle), radius**2], voiced)

@@ -448,7 +448,9 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         num_persons = audio.shape[1]
         expected_frames = self.config.vae_scale * (num_frames - 1) + 1
         if audio.shape[2] != expected_frames:
-            raise ValueError(f"audio covers {audio.shape[2]} video frames; {num_frames} latent frames need {expected_frames}")
+            raise ValueError(
+                f"audio covers {audio.shape[2]} video frames; {num_frames} latent frames need {expected_frames}"
+            )
 
         rotary_emb = self.rope(hidden_states)
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
@@ -516,7 +518,9 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             return torch.full((batch_size,), num_persons, device=device)
         streams = torch.as_tensor(audio_streams, device=device)
         if streams.shape != (batch_size,) or (streams < 1).any() or (streams > num_persons).any():
-            raise ValueError(f"audio_streams must hold {batch_size} counts in [1, {num_persons}], got {streams.tolist()}")
+            raise ValueError(
+                f"audio_streams must hold {batch_size} counts in [1, {num_persons}], got {streams.tolist()}"
+            )
         return streams
 
 

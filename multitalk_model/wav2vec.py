@@ -43,7 +43,7 @@ class Wav2VecEncoder:
 
     @torch.no_grad()
     def encode_batch(self, waves: Sequence[np.ndarray], num_frames: int) -> torch.Tensor:
-        """Encode equally long 16 kHz mono waves in one forward: float32 CPU features [B, num_frames, layers, hidden]."""
+        """Encode equally long 16 kHz mono waves in one forward: float32 CPU features [B, frames, layers, hidden]."""
         lengths = {len(wave) for wave in waves}
         if len(lengths) != 1:
             raise ValueError(f"waves of one batch must have one length, got lengths {sorted(lengths)}")
@@ -52,7 +52,9 @@ class Wav2VecEncoder:
             raise ValueError(f"num_frames must be at least 1, got {num_frames} (audio of {length} samples)")
         receptive_field = _cnn_receptive_field(self.model.config)
         if length < receptive_field:
-            raise ValueError(f"audio of {length} samples is shorter than wav2vec2's receptive field of {receptive_field}")
+            raise ValueError(
+                f"audio of {length} samples is shorter than wav2vec2's receptive field of {receptive_field}"
+            )
         # The feature extractor normalises each waveform to zero mean and unit variance, as in pre-training.
         input_values = self.feature_extractor(
             [np.asarray(wave, dtype=np.float32) for wave in waves], sampling_rate=SAMPLE_RATE, return_tensors="pt"
@@ -99,7 +101,7 @@ def build_tiny_wav2vec2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 def _cnn_receptive_field(config: Wav2Vec2Config) -> int:
     """Samples the CNN needs for its first output frame (400 for the standard kernels and strides)."""
     field = 1
-    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride, strict=False))):
         field = (field - 1) * stride + kernel
     return field
 

@@ -108,9 +108,7 @@ def to_dataset(steps: list[Step], inputs: list[dict]) -> ray.data.Dataset:
     return ds
 
 
-def run_serially(
-    steps: list[Step], inputs: list[dict], seconds_by_step: dict[str, float] | None = None
-) -> list[dict]:
+def run_serially(steps: list[Step], inputs: list[dict], seconds_by_step: dict[str, float] | None = None) -> list[dict]:
     """The rows `to_dataset` yields, computed step after step in this process (each stage built once; model
     loading counts in its step's time). Holds every record of a step in memory: for small runs."""
     seconds_by_step = {} if seconds_by_step is None else seconds_by_step

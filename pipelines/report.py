@@ -61,7 +61,8 @@ def _png(figure: plt.Figure) -> str:
 def write_report(output: str, manifest: pa.Table, rejects: pa.Table) -> dict:
     """Write report.html and summary.json into the output folder; return the summary."""
     summary = summarize(manifest, rejects)
-    durations = [end - start for start, end in zip(manifest["start_s"].to_pylist(), manifest["end_s"].to_pylist())]
+    starts, ends = manifest["start_s"].to_pylist(), manifest["end_s"].to_pylist()
+    durations = [end - start for start, end in zip(starts, ends, strict=True)]
     plots = [
         _histogram(durations, "clip durations", "seconds"),
         _histogram(manifest["face_size"].to_pylist(), "face sizes", "face height / clip height"),

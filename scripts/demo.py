@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 import numpy as np
+import ray
 import skimage.data
 import torch
-import ray
 import yaml
 from PIL import Image
 from ray import serve
@@ -89,7 +88,10 @@ def transformer_forward(out: Path) -> None:
     elapsed = time.perf_counter() - start
     counts = parameter_counts(config)
     flops = forward_flops(config, latent, num_persons=2)
-    print(f"   velocity {tuple(velocity.shape)} in {elapsed * 1000:.0f} ms, finite: {bool(torch.isfinite(velocity).all())}")
+    print(
+        f"   velocity {tuple(velocity.shape)} in {elapsed * 1000:.0f} ms, "
+        f"finite: {bool(torch.isfinite(velocity).all())}"
+    )
     print(f"   parameters {counts.total:,} (audio, trainable: {counts.audio:,}); forward {flops.total / 1e9:.2f} GFLOP")
     big = parameter_counts(get_preset("multitalk-14b"))
     print(f"   multitalk-14b preset: {big.total / 1e9:.2f}B parameters, {big.audio / 1e9:.2f}B in the audio branch")
@@ -106,7 +108,12 @@ def generate_video(out: Path) -> Path:
         persons=[PersonInput(audio=str(out / "person1.wav")), PersonInput(audio=str(out / "person2.wav"))],
         prompt="two people talking to each other",
         audio_type="para",  # the tracks written in step 1 already take turns
-        mode="streaming", frame_num=17, motion_frames=5, steps=2, resolution=(64, 128), seed=0,
+        mode="streaming",
+        frame_num=17,
+        motion_frames=5,
+        steps=2,
+        resolution=(64, 128),
+        seed=0,
     )
     (out / "job.json").write_text(job.model_dump_json(indent=2))
     pipeline = MultiTalkPipeline.from_model_dir(model_dir)
@@ -114,8 +121,10 @@ def generate_video(out: Path) -> Path:
     print(f"   regions from {result.region_source}: {[tuple(round(v) for v in box) for box in result.boxes]}")
     print(f"   {result.num_frames} frames ({result.duration_s:.2f} s, {result.clips} clips) in {result.seconds:.1f} s")
     print(f"   video: {result.path}\n   regions preview: {out / 'regions.png'}")
-    print(f"   same job from the command line: python -m multitalk_model.generate --input {out / 'job.json'} "
-          f"--model-dir {model_dir} --out video.mp4")
+    print(
+        f"   same job from the command line: python -m multitalk_model.generate --input {out / 'job.json'} "
+        f"--model-dir {model_dir} --out video.mp4"
+    )
     return result.path
 
 
@@ -135,15 +144,29 @@ def local_ray_cluster(num_cpus: int = 2, keep_running: bool = False) -> Iterator
     ports = [_free_port() for _ in range(2)]
     env = _ray_env()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
-         "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={ports[0]}",
+            f"--dashboard-port={ports[1]}",
+            "--dashboard-host=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     cluster = LocalCluster(gcs_address=f"127.0.0.1:{ports[0]}", job_address=f"http://127.0.0.1:{ports[1]}")
     stop = True
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([RAY, "job", "list", "--address", cluster.job_address], env=env, capture_output=True).returncode:
+        while subprocess.run(
+            [RAY, "job", "list", "--address", cluster.job_address], env=env, capture_output=True
+        ).returncode:
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the local Ray cluster did not start (run `ray start --head` by hand to see why)")
             time.sleep(2)
@@ -231,8 +254,10 @@ def serve_and_submit(out: Path, cluster: LocalCluster) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServingConfig.model_validate(
         {
-            "model_dir": str(out / "tiny-model"), "tiny": True,
-            "database_url": f"sqlite:///{out / 'serving' / 'jobs.db'}", "storage_uri": str(out / "serving" / "files"),
+            "model_dir": str(out / "tiny-model"),
+            "tiny": True,
+            "database_url": f"sqlite:///{out / 'serving' / 'jobs.db'}",
+            "storage_uri": str(out / "serving" / "files"),
             "api_keys": [key],
             "generation": {"defaults": {"steps": 2, "frame_num": 17, "motion_frames": 5, "resolution": [64, 112]}},
         }
@@ -260,7 +285,11 @@ def serve_and_submit(out: Path, cluster: LocalCluster) -> None:
 
 def _ray_env() -> dict[str, str]:
     # The job's `python` and Ray's workers must be this environment's.
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+    }
 
 
 def _free_port() -> int:

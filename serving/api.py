@@ -163,9 +163,9 @@ def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tupl
     """The job as stored (inputs named relative to the job's files) and the local file behind each name."""
     image_name = f"inputs/image{image.suffix}"
     audio_names = [f"inputs/audio{index + 1}{upload.suffix}" for index, upload in enumerate(audio)]
-    persons = [person.model_copy(update={"audio": name}) for person, name in zip(job.persons, audio_names)]
+    persons = [person.model_copy(update={"audio": name}) for person, name in zip(job.persons, audio_names, strict=True)]
     spec = job.model_copy(update={"image": image_name, "persons": persons}).model_dump(mode="json")
-    files = {image_name: image.path} | {name: upload.path for name, upload in zip(audio_names, audio)}
+    files = {image_name: image.path} | {name: upload.path for name, upload in zip(audio_names, audio, strict=False)}
     return spec, files
 
 
@@ -193,8 +193,11 @@ class VideosAPI:
 
     def _owner(self, credentials: HTTPAuthorizationCredentials | None) -> str:
         if credentials is None:
-            raise HTTPException(401, "Authorization: missing; send 'Authorization: Bearer <API key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "Authorization: missing; send 'Authorization: Bearer <API key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         for key, owner in self.owners.items():
             if hmac.compare_digest(key.encode(), credentials.credentials.encode()):
                 return owner

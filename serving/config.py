@@ -95,7 +95,7 @@ class GenerationDefaults(BaseModel):
     fast: dict[str, Any] = Field(
         # A quarter of the steps and 2 model passes per step instead of 3: about 6x less compute.
         default_factory=lambda: {"steps": 10, "text_guidance": 1.0},
-        description="Job fields of the fast profile, applied when a request sets \"fast\": true.",
+        description='Job fields of the fast profile, applied when a request sets "fast": true.',
     )
 
     @field_validator("defaults")

@@ -16,7 +16,9 @@ from .store import JobState, JobStore
 
 registry = CollectorRegistry()
 _requests = Counter(
-    "multitalk_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"],
+    "multitalk_http_requests",
+    "HTTP requests by route, method and status.",
+    ["route", "method", "status"],
     registry=registry,
 )
 _latency = Histogram("multitalk_http_request_seconds", "HTTP request time by route.", ["route"], registry=registry)

@@ -326,7 +326,7 @@ def _remove(transformer: MultiTalkTransformer3DModel, mode: str) -> None:
         raise ValueError(f"{mode} parallel is not applied to this transformer")
     for handle in applied.handles:
         handle.remove()
-    for block, (self_attn, audio_attn) in zip(transformer.blocks, applied.processors):
+    for block, (self_attn, audio_attn) in zip(transformer.blocks, applied.processors, strict=False):
         block.attn1.set_processor(self_attn)
         block.attn_audio.set_processor(audio_attn)
     del _APPLIED[transformer]

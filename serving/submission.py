@@ -125,7 +125,7 @@ def _persons_from_boxes(boxes: Any, audio: list[Upload]) -> list[dict[str, Any]]
             f"options.boxes: {len(boxes)} region(s) for {len(audio)} audio stream(s); give one box per audio file, "
             "in person order, or none",
         )
-    return [{**person, "box": box} for person, box in zip(persons, boxes)]
+    return [{**person, "box": box} for person, box in zip(persons, boxes, strict=False)]
 
 
 def _official_fields(official: dict[str, Any], image: Upload, audio: list[Upload]) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def _official_fields(official: dict[str, Any], image: Upload, audio: list[Upload
     data = {
         **official,
         "cond_image": str(image.path),
-        "cond_audio": {key: str(upload.path) for key, upload in zip(ordered, audio)},
+        "cond_audio": {key: str(upload.path) for key, upload in zip(ordered, audio, strict=False)},
     }
     try:
         job = from_official_json(data, image.path.parent)

@@ -219,7 +219,7 @@ def test_batched_encoding_equals_encoding_each_wave_alone(tiny_encoder):
     batched = tiny_encoder.encode_batch(waves, num_frames=33)
 
     assert batched.shape[:2] == (3, 33)
-    for wave, features in zip(waves, batched):
+    for wave, features in zip(waves, batched, strict=False):
         torch.testing.assert_close(features, tiny_encoder(wave, num_frames=33), rtol=1e-4, atol=1e-5)
 
 

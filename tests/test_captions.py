@@ -30,8 +30,8 @@ from multitalk_model.wav2vec import build_tiny_wav2vec2
 from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.curate import run
 from pipelines.record import Clip
-from pipelines.stages.captions import CaptionStage
 from pipelines.schema import MANIFEST_FILE
+from pipelines.stages.captions import CaptionStage
 from pipelines.stages.sample import clip_metadata
 
 NUM_FRAMES = 9

@@ -10,7 +10,8 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from multitalk_model.build_tiny import build_tiny_model_dir, main as build_tiny_main
+from multitalk_model.build_tiny import build_tiny_model_dir
+from multitalk_model.build_tiny import main as build_tiny_main
 from multitalk_model.checkpoints import _original_name, build_model, export_audio_weights
 from multitalk_model.components import (
     AUDIO_FIELDS,

@@ -32,6 +32,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.curate import run
 from pipelines.plan import curation_steps, run_serially
 from pipelines.record import Clip
+from pipelines.sample_data import write_corpus
 from pipelines.schema import (
     MANIFEST_FILE,
     REJECTS_FILE,
@@ -43,7 +44,6 @@ from pipelines.schema import (
     parse_shard_name,
     person_audio_key,
 )
-from pipelines.sample_data import write_corpus
 from pipelines.sink import CorpusSink
 from pipelines.stages.asr import AsrStage
 from pipelines.stages.faces import mouth_motion
@@ -228,7 +228,7 @@ def test_serial_run_in_one_process_curates_the_same_clips_as_ray(corpus, tmp_pat
 
     serial, parallel = without_shard(_manifest(tmp_path / "out")), without_shard(_manifest(corpus))
     assert [row["clip_id"] for row in serial] == [row["clip_id"] for row in parallel]
-    for serial_row, parallel_row in zip(serial, parallel):
+    for serial_row, parallel_row in zip(serial, parallel, strict=False):
         # Equal up to float noise: Ray gives each task fewer threads, which changes the order of float sums.
         assert serial_row == {
             key: pytest.approx(value, rel=1e-6) if isinstance(value, float) else value

@@ -32,9 +32,18 @@ def audio_seconds(path: str) -> float:
 
 
 def car_job(media: Path, **fields) -> GenerationJob:
-    persons = [{"audio": str(media / "two_people_car_person1.WAV")}, {"audio": str(media / "two_people_car_person2.WAV")}]
+    persons = [
+        {"audio": str(media / "two_people_car_person1.WAV")},
+        {"audio": str(media / "two_people_car_person2.WAV")},
+    ]
     return GenerationJob.model_validate(
-        {"image": str(media / "two_people_car.png"), "persons": persons, "prompt": "two people talk in a car", **FAST, **fields}
+        {
+            "image": str(media / "two_people_car.png"),
+            "persons": persons,
+            "prompt": "two people talk in a car",
+            **FAST,
+            **fields,
+        }
     )
 
 
@@ -60,10 +69,13 @@ def test_official_json_gives_the_same_regions_as_our_schema(pipeline, shared_med
         "person2": str(shared_media / "two_people_car_person2.WAV"),
     }
     from_official = pipeline.prepare(from_official_json(official, shared_media).model_copy(update=FAST))
-    ours = car_job(shared_media, persons=[
-        {"audio": str(shared_media / "two_people_car_person1.WAV"), "box": [120, 160, 1080, 1280]},
-        {"audio": str(shared_media / "two_people_car_person2.WAV"), "box": [1320, 160, 2280, 1280]},
-    ])
+    ours = car_job(
+        shared_media,
+        persons=[
+            {"audio": str(shared_media / "two_people_car_person1.WAV"), "box": [120, 160, 1080, 1280]},
+            {"audio": str(shared_media / "two_people_car_person2.WAV"), "box": [1320, 160, 2280, 1280]},
+        ],
+    )
     from_ours = pipeline.prepare(ours)
     assert from_official.boxes == from_ours.boxes
     np.testing.assert_array_equal(from_official.masks, from_ours.masks)
@@ -74,8 +86,15 @@ def test_official_json_gives_the_same_regions_as_our_schema(pipeline, shared_med
 
 def test_streaming_covers_the_whole_audio_and_clip_mode_one_clip(pipeline, shared_media, tmp_path):
     job = GenerationJob.model_validate(
-        {"image": str(shared_media / "one_person_studio.png"), "persons": [{"audio": str(shared_media / "one_person_studio.wav")}],
-         **FAST, "steps": 1, "frame_num": 33, "mode": "streaming", "color_correction": 0.0}
+        {
+            "image": str(shared_media / "one_person_studio.png"),
+            "persons": [{"audio": str(shared_media / "one_person_studio.wav")}],
+            **FAST,
+            "steps": 1,
+            "frame_num": 33,
+            "mode": "streaming",
+            "color_correction": 0.0,
+        }
     )
     streaming = pipeline.generate(job, tmp_path / "long.mp4")
     audio_s = audio_seconds(job.persons[0].audio)  # 10.7 s
@@ -123,8 +142,10 @@ def test_audio_shorter_than_one_clip_is_padded_not_rejected(pipeline, shared_med
     ],
 )
 def test_bad_boxes_are_rejected_naming_the_field(pipeline, shared_media, box, message):
-    persons = [{"audio": str(shared_media / "two_people_car_person1.WAV"), "box": box},
-               {"audio": str(shared_media / "two_people_car_person2.WAV"), "box": [1320, 160, 2280, 1280]}]
+    persons = [
+        {"audio": str(shared_media / "two_people_car_person1.WAV"), "box": box},
+        {"audio": str(shared_media / "two_people_car_person2.WAV"), "box": [1320, 160, 2280, 1280]},
+    ]
     with pytest.raises(GenerationError, match=message):
         pipeline.prepare(car_job(shared_media, persons=persons))
 
@@ -161,7 +182,24 @@ def test_command_line_generates_from_the_official_json(model_dir, shared_media, 
     job_file = tmp_path / "official.json"
     job_file.write_text(json.dumps(official))
     out = tmp_path / "cli.mp4"
-    code = generate_main(["--input", str(job_file), "--model-dir", str(model_dir), "--out", str(out),
-                          "--steps", "1", "--frame-num", "9", "--motion-frames", "5", "--resolution", "64", "112"])
+    code = generate_main(
+        [
+            "--input",
+            str(job_file),
+            "--model-dir",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--frame-num",
+            "9",
+            "--motion-frames",
+            "5",
+            "--resolution",
+            "64",
+            "112",
+        ]
+    )
     assert code == 0
     assert probe_media(out).num_frames == 9

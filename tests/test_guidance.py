@@ -54,7 +54,7 @@ def sample(denoiser: GuidedDenoiser, steps: int) -> torch.Tensor:
     x = latent_input()
     latent, condition = x[:, : TINY.out_channels], x[:, TINY.out_channels :]
     timesteps = shifted_timesteps(steps, 7.0)
-    for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+    for t, t_next in zip(timesteps[:-1], timesteps[1:], strict=False):
         velocity = denoiser(torch.cat([latent, condition], dim=1), t)
         latent = euler_step(latent, velocity, t, t_next)
     return latent

@@ -167,8 +167,17 @@ def job(shared_media) -> GenerationJob:
     # Text guidance 1: 2 passes per step, which the guidance-parallel group puts one per rank.
     persons = [{"audio": str(shared_media / f"two_people_car_person{i}.WAV")} for i in (1, 2)]
     return GenerationJob.model_validate(
-        {"image": str(shared_media / "two_people_car.png"), "persons": persons, "prompt": "two people talk in a car",
-         "steps": 2, "frame_num": 17, "motion_frames": 5, "resolution": (64, 112), "seed": 7, "text_guidance": 1.0}
+        {
+            "image": str(shared_media / "two_people_car.png"),
+            "persons": persons,
+            "prompt": "two people talk in a car",
+            "steps": 2,
+            "frame_num": 17,
+            "motion_frames": 5,
+            "resolution": (64, 112),
+            "seed": 7,
+            "text_guidance": 1.0,
+        }
     )
 
 

@@ -25,7 +25,7 @@ def test_euler_steps_along_the_true_velocity_land_on_the_clean_latent():
     timesteps = shifted_timesteps(6, 7.0)
     latent = add_noise(x0, noise, timesteps[0])
     torch.testing.assert_close(latent, noise)
-    for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+    for t, t_next in zip(timesteps[:-1], timesteps[1:], strict=False):
         latent = euler_step(latent, velocity, t, t_next)
         torch.testing.assert_close(latent, add_noise(x0, noise, t_next), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(latent, x0, rtol=1e-5, atol=1e-5)

@@ -70,8 +70,13 @@ class Service:
             audio = [(name, (media / name).read_bytes()) for name in names]
         return [("image", ("two_people_car.png", image, "image/png"))] + [("audio", item) for item in audio]
 
-    def submit(self, options: dict[str, Any] | None = None, key: str = ALICE, files: list | None = None,
-               headers: dict[str, str] | None = None) -> httpx.Response:
+    def submit(
+        self,
+        options: dict[str, Any] | None = None,
+        key: str = ALICE,
+        files: list | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         return self.http.post(
             "/v1/videos",
             files=self.car_files() if files is None else files,
@@ -145,9 +150,19 @@ def _official_options(media: Path) -> dict[str, Any]:
 
 def _streams(path: Path) -> dict[str, dict[str, Any]]:
     probe = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,r_frame_rate,nb_frames,duration", "-of", "json",
-         str(path)],
-        capture_output=True, text=True, check=True,
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type,r_frame_rate,nb_frames,duration",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return {stream["codec_type"]: stream for stream in json.loads(probe.stdout)["streams"]}
 
@@ -259,22 +274,36 @@ def _bad_requests(service: Service) -> dict[str, tuple[httpx.Response, int, str]
     person1 = ("two_people_car_person1.WAV", (media / "two_people_car_person1.WAV").read_bytes())
     limit = service.config.limits.max_image_bytes
     return {
-        "not an image": (service.submit(files=service.car_files(image=b"hello, not a picture")), 422,
-                         r"image \('two_people_car.png'\): not an image"),
+        "not an image": (
+            service.submit(files=service.car_files(image=b"hello, not a picture")),
+            422,
+            r"image \('two_people_car.png'\): not an image",
+        ),
         "corrupt WAV": (
-            service.submit(files=service.car_files(audio=[person1, ("voice.wav", b"RIFF\x00\x00garbage" * 10)])), 422,
+            service.submit(files=service.car_files(audio=[person1, ("voice.wav", b"RIFF\x00\x00garbage" * 10)])),
+            422,
             r"audio 2 \('voice.wav'\)",
         ),
-        "zero-length audio": (service.submit(files=service.car_files(audio=[person1, ("empty.wav", b"")])), 422,
-                              r"audio 2 \('empty.wav'\): empty file"),
+        "zero-length audio": (
+            service.submit(files=service.car_files(audio=[person1, ("empty.wav", b"")])),
+            422,
+            r"audio 2 \('empty.wav'\): empty file",
+        ),
         "box outside the image": (
-            service.submit({"boxes": [[2000, 100, 2700, 900], [1320, 160, 2280, 1280]]}), 422,
+            service.submit({"boxes": [[2000, 100, 2700, 900], [1320, 160, 2280, 1280]]}),
+            422,
             r"options.boxes\[0\] \(person 1\): box .* reaches outside the 2560x1440 image",
         ),
-        "more audio streams than regions": (service.submit({"boxes": [[120, 160, 1080, 1280]]}), 422,
-                                            r"options.boxes: 1 region\(s\) for 2 audio stream\(s\)"),
-        "oversized upload": (service.submit(files=service.car_files(image=b"\x89PNG" + bytes(limit))), 413,
-                             r"limits.max_image_bytes"),
+        "more audio streams than regions": (
+            service.submit({"boxes": [[120, 160, 1080, 1280]]}),
+            422,
+            r"options.boxes: 1 region\(s\) for 2 audio stream\(s\)",
+        ),
+        "oversized upload": (
+            service.submit(files=service.car_files(image=b"\x89PNG" + bytes(limit))),
+            413,
+            r"limits.max_image_bytes",
+        ),
         "wrong API key": (service.submit(key="guessed-key"), 401, r"unknown API key"),
         "missing API key": (service.http.post("/v1/videos", files=service.car_files()), 401, r"Authorization: missing"),
     }
@@ -332,9 +361,19 @@ class Chromium:
     def __init__(self, profile_dir: Path) -> None:
         log = profile_dir / "chromium.log"
         self.process = subprocess.Popen(
-            ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={profile_dir}", "--remote-debugging-port=0", "--window-size=1280,1500", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=log.open("w"),
+            [
+                "chromium",
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={profile_dir}",
+                "--remote-debugging-port=0",
+                "--window-size=1280,1500",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
         )
         deadline = time.monotonic() + 60
         while not (found := re.search(r"DevTools listening on ws://127.0.0.1:(\d+)/", log.read_text())):
@@ -396,10 +435,12 @@ def test_web_page_shows_regions_then_generates_plays_and_lists_the_video(service
         browser.choose_files("#audio-2", shared_media / "two_people_car_person2.WAV")
         browser.choose_files("#image", shared_media / "two_people_car.png")
         # The detected regions are drawn over the image before anything is submitted.
-        shown = json.loads(browser.wait_for(
-            "document.querySelector('#regions-note').textContent.includes('from faces')"
-            " && document.querySelector('#regions').dataset.boxes"
-        ))
+        shown = json.loads(
+            browser.wait_for(
+                "document.querySelector('#regions-note').textContent.includes('from faces')"
+                " && document.querySelector('#regions').dataset.boxes"
+            )
+        )
         assert len(shown) == 2 and shown[0][0] < shown[1][0]
 
         browser.evaluate("document.querySelector('#prompt').value = 'two people talk in a car'")

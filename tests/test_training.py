@@ -42,9 +42,9 @@ from pipelines.curate import run as curate
 from training.checkpointing import TAG, trainable_state_dict
 from training.config import ConfigError, DataConfig, ModelConfig, ObjectiveConfig, load_config
 from training.data import AI2V, I2V, ClipBatch, ClipStream, CursorTracker, interleave, split_shards
+from training.encoders import FrozenEncoders
 from training.export import export_checkpoint
 from training.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
-from training.encoders import FrozenEncoders
 from training.model import build_training_model, check_trainable, transformer_weights
 from training.objective import drop_conditions, first_frame_mask, model_inputs, velocity_loss
 
@@ -322,7 +322,7 @@ def test_i2v_clips_and_dropped_audio_see_one_silent_stream_as_the_null_audio_of_
 
 
 def test_interleaving_keeps_the_i2v_ratio_in_every_window():
-    mixed = list(zip(range(40), interleave(iter(["a"] * 100), iter(["i"] * 100), 0.25)))
+    mixed = list(zip(range(40), interleave(iter(["a"] * 100), iter(["i"] * 100), 0.25), strict=False))
 
     for start in range(0, 40, 4):
         assert [item for _, item in mixed[start : start + 4]].count("i") == 1

@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import multitalk_model.transformer as transformer_module
 from multitalk_model.accounting import parameter_counts
@@ -16,7 +17,6 @@ from multitalk_model.checkpoints import (
     load_weights,
 )
 from multitalk_model.config import MultiTalkConfig, get_preset
-from safetensors.torch import load_file, save_file
 
 TINY = get_preset("tiny")
 LATENT = (3, 8, 8)  # T, H, W: 16 tokens per latent frame
@@ -41,7 +41,9 @@ def make_inputs(persons: int, batch: int = 1, seed: int = 0) -> dict[str, torch.
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, 7, TINY.text_dim, generator=gen),
         "encoder_hidden_states_image": torch.randn(batch, 257, TINY.image_dim, generator=gen),
-        "audio": torch.randn(batch, persons, frames, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen),
+        "audio": torch.randn(
+            batch, persons, frames, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen
+        ),
         "region_masks": masks,
     }
 

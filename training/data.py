@@ -37,7 +37,6 @@ from multitalk_model.faces import Face
 from multitalk_model.regions import Box, locate_persons, region_masks
 from multitalk_model.wav2vec import audio_windows
 from pipelines.schema import JSON_KEY, MP4_KEY, WAV2VEC_KEY, ClipMetadata, parse_shard_name
-
 from training.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -329,7 +328,7 @@ class CursorTracker:
     def advance(self, batch: ClipBatch) -> None:
         """Records the clips of a trained batch."""
         sources = self.streams.setdefault(batch.stream, {})
-        for key, epoch, source in zip(batch.keys, batch.epochs, batch.sources):
+        for key, epoch, source in zip(batch.keys, batch.epochs, batch.sources, strict=False):
             cursor = sources.setdefault(source, SourceCursor(epoch=epoch))
             if epoch > cursor.epoch:
                 sources[source] = cursor = SourceCursor(epoch=epoch)
@@ -370,4 +369,3 @@ def build_loader(dataset: ClipStream, config: DataConfig) -> DataLoader:
         prefetch_factor=config.prefetch_batches if workers else None,
         persistent_workers=workers > 0,
     )
-

@@ -19,7 +19,6 @@ if __package__ in (None, ""):
 
 from multitalk_model.checkpoints import CheckpointError, build_model, export_audio_weights
 from multitalk_model.config import get_preset
-
 from training.checkpointing import checkpoint_config, trainable_state_dict
 
 

@@ -30,7 +30,6 @@ from deepspeed import DeepSpeedEngine
 from multitalk_model.accounting import training_flops, video_tokens
 from multitalk_model.checkpoints import export_audio_weights
 from multitalk_model.config import MultiTalkConfig, get_preset
-
 from training.checkpointing import restore, save_and_report
 from training.config import TrainingConfig
 from training.data import ClipBatch, ClipStream, CursorTracker, build_loader
@@ -165,7 +164,7 @@ class Worker:
             stats.loss += loss.item()
             stats.flops += len(batch) * training_flops(self.architecture, latent_shape, persons)
             stats.tokens += len(batch) * video_tokens(self.architecture, latent_shape)
-            stats.clips += [list(clip) for clip in zip(batch.keys, batch.epochs, batch.sources)]
+            stats.clips += [list(clip) for clip in zip(batch.keys, batch.epochs, batch.sources, strict=False)]
         self.step += 1
         return stats
 

@@ -16,7 +16,6 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from multitalk_model.checkpoints import CheckpointError, build_model, key_keeps_fp32, load_weights
 from multitalk_model.config import get_preset
 from multitalk_model.transformer import MultiTalkTransformer3DModel
-
 from training.config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -73,7 +73,8 @@ def drop_conditions(
     ai2v = torch.tensor([source == AI2V for source in batch.sources])
     with_audio = ai2v & keep_audio & (batch.audio_streams > 0)
     captions = [
-        caption if keep and caption else config.null_prompt for caption, keep in zip(batch.captions, keep_text.tolist())
+        caption if keep and caption else config.null_prompt
+        for caption, keep in zip(batch.captions, keep_text.tolist(), strict=True)
     ]
     audio = batch.audio * with_audio[:, None, None, None, None, None]
     streams = torch.where(with_audio, batch.audio_streams, torch.ones_like(batch.audio_streams))

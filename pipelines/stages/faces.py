@@ -125,5 +125,5 @@ class FaceStage(Stage):
     @staticmethod
     def _stability(track: dict[int, np.ndarray]) -> float:
         known = sorted(track)
-        ious = [box_iou(track[a], track[b]) for a, b in zip(known, known[1:])]
+        ious = [box_iou(track[a], track[b]) for a, b in zip(known, known[1:], strict=False)]
         return float(np.mean(ious)) if ious else 1.0

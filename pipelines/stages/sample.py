@@ -78,7 +78,6 @@ class SampleStage(Stage):
     name = "sample"
     num_cpus = 0.25
 
-
     def process(self, clip: Clip) -> None:
         sample = {MP4_KEY: clip.mp4, JSON_KEY: clip_metadata(clip).model_dump_json().encode()}
         # multi_event clips (image-to-video) train without audio: they carry no audio members.

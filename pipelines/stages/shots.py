@@ -49,7 +49,7 @@ class ShotStage:
             source.reject(self.name, RejectReason.UNREADABLE, f"{type(error).__name__}: {error}")
             return [row]
         cuts = [0, *shot_boundaries(histograms, self.threshold), len(histograms)]
-        starts = clip_windows(list(zip(cuts, cuts[1:])), self.frame_num, self.stride)
+        starts = clip_windows(list(zip(cuts, cuts[1:], strict=False)), self.frame_num, self.stride)
         if not starts:
             detail = f"no shot holds {self.frame_num} frames ({len(cuts) - 1} shots)"
             source.reject(self.name, RejectReason.TOO_SHORT, detail)

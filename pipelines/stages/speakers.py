@@ -19,9 +19,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return total / count
 
 
-def bind_speech(
-    motion: np.ndarray, voiced: np.ndarray, still_motion: float
-) -> tuple[np.ndarray, np.ndarray]:
+def bind_speech(motion: np.ndarray, voiced: np.ndarray, still_motion: float) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: the person speech is bound to (-1: nobody) and the margin of that choice (0..1).
 
     `motion` [P, T] is smoothed mouth motion. The winner of a voiced frame must beat every other face and a still
@@ -57,9 +55,7 @@ class SpeakerStage(Stage):
         num_persons = len(motion)
         clip.person_masks = owner[None] == np.arange(num_persons)[:, None]
         speaking_s = clip.person_masks.sum(axis=1) / SAMPLE_FPS
-        clip.binding_confidence = [
-            float(margin[mask].mean()) if mask.any() else 0.0 for mask in clip.person_masks
-        ]
+        clip.binding_confidence = [float(margin[mask].mean()) if mask.any() else 0.0 for mask in clip.person_masks]
         clip.scores["binding_confidence"] = min(clip.binding_confidence)
         for person in range(num_persons):
             if speaking_s[person] < self.config.min_speaking_s:

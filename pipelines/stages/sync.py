@@ -96,7 +96,7 @@ class SyncStage(Stage):
         streams = [clip.audio] if len(clip.tracks) == 1 else list(clip.person_audio)
         results = [
             offset_and_confidence(self._distances(face_crops(frames, track), stream), self.config.syncnet_vshift)
-            for track, stream in zip(clip.tracks, streams)
+            for track, stream in zip(clip.tracks, streams, strict=False)
         ]
         clip.sync_source = "syncnet"
         clip.sync_offset = [offset for offset, _, _ in results]
