@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout
 import ray
 import yaml
 
-from multitalk_model.wav2vec import build_tiny_wav2vec2
+from multitalk_model.fixtures.corpus import write_corpus
+from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from pipelines.config import load_config
 from pipelines.curate import run
-from pipelines.sample_data import write_corpus
 
 SHARED_INPUTS = {
     "conversation_left_then_right.mp4": "dual",

@@ -29,7 +29,7 @@ import httpx  # noqa: E402 - after the sys.path fix above
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from multitalk_model.build_tiny import build_tiny_model_dir  # noqa: E402
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir  # noqa: E402
 from serving.app import build_app  # noqa: E402
 from serving.config import GenerationDefaults, GeneratorScaling, ServingConfig  # noqa: E402
 

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from multitalk_model.accounting import training_flops, video_tokens  # noqa: E402
-from multitalk_model.build_tiny import build_tiny_model_dir  # noqa: E402
 from multitalk_model.checkpoints import build_model  # noqa: E402
 from multitalk_model.config import get_preset  # noqa: E402
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import ClipStream, build_loader  # noqa: E402
 from training.encoders import FrozenEncoders  # noqa: E402

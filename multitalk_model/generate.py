@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .generation import GenerationError, MultiTalkPipeline, Progress
 from .jobs import GenerationJob, JobError, load_job
-from .pipeline import GenerationError, MultiTalkPipeline, Progress
 
 # Command-line flag -> job field, for the fields worth overriding from a shell.
 OVERRIDES = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,31 +70,6 @@ def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
     frames = torch.arange(features.shape[0], device=features.device)
     indices = (frames[:, None] + offsets[None, :]).clamp(0, features.shape[0] - 1)
     return features[indices]
-
-
-def build_tiny_wav2vec2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random wav2vec2 (12 layers of width 32, the standard ~50 Hz CNN) and its feature extractor."""
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=12,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32,) * 7,  # kernels and strides stay the standard ones: 320 samples per frame, 400-sample field
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="group",  # as chinese-wav2vec2-base
-        do_stable_layer_norm=False,
-        mask_time_prob=0.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Wav2Vec2Model(config)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=False
-    ).save_pretrained(out_dir)
-    return out_dir
 
 
 def _cnn_receptive_field(config: Wav2Vec2Config) -> int:

@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from multitalk_model.config import check_clip_frames
-from multitalk_model.config_file import ConfigError, ConfigSection, absolute_location, read_config, require
 from pipelines.schema import Kind
+from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config, require
 
 # whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
 # this project's torch and transformers 5, so it lives in its own pip env on top of the worker's packages.

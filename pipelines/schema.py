@@ -11,10 +11,13 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from multitalk_model.audio import SAMPLE_RATE, VIDEO_FPS
+
 Kind = Literal["single", "multi_event", "dual"]
 KINDS: tuple[str, ...] = ("single", "multi_event", "dual")
-SAMPLE_FPS = 25  # every clip is resampled to the model's frame rate
-AUDIO_RATE = 16000  # per-person audio and wav2vec input
+# Every clip is resampled to the model's frame rate; per-person audio is at wav2vec's input rate.
+SAMPLE_FPS = VIDEO_FPS
+AUDIO_RATE = SAMPLE_RATE
 
 # Members of one sample in a shard (the webdataset "extension" after the clip id).
 MP4_KEY = "mp4"

@@ -32,15 +32,16 @@ from ray import serve
 
 from multitalk_model.accounting import forward_flops, parameter_counts
 from multitalk_model.audio import SAMPLE_RATE, compose_persons, loudness_normalize
-from multitalk_model.build_tiny import build_tiny_model_dir
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import get_preset
+from multitalk_model.fixtures.corpus import write_corpus
+from multitalk_model.fixtures.speech import synthesize_speech, write_wav
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
+from multitalk_model.generation import MultiTalkPipeline
 from multitalk_model.jobs import GenerationJob, PersonInput
-from multitalk_model.pipeline import MultiTalkPipeline
 from multitalk_model.regions import default_halves, region_masks
-from multitalk_model.synth import synthesize_speech, write_wav
-from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows, build_tiny_wav2vec2
-from pipelines.sample_data import write_corpus
+from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows
 from serving.app import build_app
 from serving.config import ServingConfig
 

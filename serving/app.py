@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from multitalk_model.build_tiny import build_tiny_model_dir
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 
 from .api import VideosAPI
 from .config import ServingConfig

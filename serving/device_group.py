@@ -32,9 +32,15 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from multitalk_model.faces import build_face_detector
+from multitalk_model.generation import (
+    GenerationCancelled,
+    GenerationError,
+    GenerationResult,
+    MultiTalkPipeline,
+    Progress,
+)
 from multitalk_model.guidance import GuidanceScales, guidance_passes
 from multitalk_model.jobs import GenerationJob
-from multitalk_model.pipeline import GenerationCancelled, GenerationError, GenerationResult, MultiTalkPipeline, Progress
 
 from .parallel import apply_guidance_parallel, apply_sequence_parallel
 

@@ -20,8 +20,14 @@ import torch
 from ray import serve
 
 from multitalk_model.faces import build_face_detector
+from multitalk_model.generation import (
+    GenerationCancelled,
+    GenerationError,
+    GenerationResult,
+    MultiTalkPipeline,
+    Progress,
+)
 from multitalk_model.jobs import GenerationJob
-from multitalk_model.pipeline import GenerationCancelled, GenerationError, GenerationResult, MultiTalkPipeline, Progress
 
 from .config import ServingConfig
 from .device_group import DeviceGroup

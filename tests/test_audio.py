@@ -19,8 +19,9 @@ from multitalk_model.audio import (
     loudness_normalize,
     mix_tracks,
 )
-from multitalk_model.synth import synthesize_speech, write_wav
-from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows, build_tiny_wav2vec2
+from multitalk_model.fixtures.speech import synthesize_speech, write_wav
+from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
+from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from multitalk_model.build_tiny import build_tiny_model_dir
-from multitalk_model.build_tiny import main as build_tiny_main
 from multitalk_model.checkpoints import _original_name, build_model, export_audio_weights
 from multitalk_model.components import (
     AUDIO_FIELDS,
@@ -22,6 +20,8 @@ from multitalk_model.components import (
     vae_encode,
 )
 from multitalk_model.config import get_preset
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from multitalk_model.fixtures.tiny_model import main as build_tiny_main
 from multitalk_model.transformer import model_kwargs
 from multitalk_model.wav2vec import audio_windows
 

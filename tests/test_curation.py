@@ -25,14 +25,14 @@ import webdataset as wds
 import yaml
 
 from multitalk_model.faces import MTCNNDetector
+from multitalk_model.fixtures.corpus import write_corpus
+from multitalk_model.fixtures.speech import synthesize_speech
+from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.media import read_video_frames, write_video
-from multitalk_model.synth import synthesize_speech
-from multitalk_model.wav2vec import build_tiny_wav2vec2
 from pipelines.config import ConfigError, load_config
 from pipelines.curate import run
 from pipelines.plan import curation_steps, run_serially
 from pipelines.record import Clip
-from pipelines.sample_data import write_corpus
 from pipelines.schema import (
     MANIFEST_FILE,
     REJECTS_FILE,

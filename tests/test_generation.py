@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from multitalk_model.audio import load_audio_track
-from multitalk_model.build_tiny import build_tiny_model_dir
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.generate import main as generate_main
+from multitalk_model.generation import GenerationCancelled, GenerationError, MultiTalkPipeline, plan_clips
 from multitalk_model.jobs import GenerationJob, from_official_json
 from multitalk_model.media import probe_media
-from multitalk_model.pipeline import GenerationCancelled, GenerationError, MultiTalkPipeline, plan_clips
 
 FAST = {"steps": 2, "frame_num": 17, "motion_frames": 5, "resolution": (64, 112), "seed": 7}
 

@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from multitalk_model.build_tiny import build_tiny_model_dir
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import get_preset
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from multitalk_model.generation import GenerationCancelled, MultiTalkPipeline
 from multitalk_model.guidance import GuidanceScales, GuidedDenoiser
 from multitalk_model.jobs import GenerationJob
 from multitalk_model.media import read_video_frames
-from multitalk_model.pipeline import GenerationCancelled, MultiTalkPipeline
 from serving.device_group import DeviceGroup
 from serving.parallel import (
     apply_guidance_parallel,

@@ -22,7 +22,7 @@ import ray
 import websockets.sync.client
 from ray import serve
 
-from multitalk_model.build_tiny import build_tiny_model_dir
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from serving.app import build_app
 from serving.config import GenerationDefaults, GeneratorScaling, Limits, ServingConfig
 from serving.store import JobStore

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multitalk_model.synth import synthesize_speech, write_wav
+from multitalk_model.fixtures.speech import synthesize_speech, write_wav
 from serving.config import ServingConfig
 from serving.submission import RequestRejected, Upload, build_job
 

@@ -30,13 +30,13 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
 from multitalk_model.audio import load_audio_track
-from multitalk_model.build_tiny import build_tiny_model_dir
 from multitalk_model.checkpoints import build_model, load_weights
 from multitalk_model.config import get_preset
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
+from multitalk_model.generation import _condition_mask
 from multitalk_model.media import read_video_frames, write_video
-from multitalk_model.pipeline import _condition_mask
 from multitalk_model.transformer import model_kwargs
-from multitalk_model.wav2vec import build_tiny_wav2vec2
 from pipelines.config import load_config as load_curation_config
 from pipelines.curate import run as curate
 from training.checkpointing import TAG, trainable_state_dict

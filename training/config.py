@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from multitalk_model.config import PRESETS, check_clip_frames
-from multitalk_model.config_file import ConfigError, ConfigSection, absolute_location, read_config, require
 from pipelines.schema import Kind
+from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config, require
 
 
 class ModelConfig(ConfigSection):

@@ -51,7 +51,7 @@ def sample_timesteps(batch_size: int, config: ObjectiveConfig, generator: torch.
 def first_frame_mask(latent_frames: int, height: int, width: int) -> torch.Tensor:
     """The I2V condition's 4 mask channels [4, T, h, w]: one on the first latent frame (the given frame).
 
-    Inference (multitalk_model.pipeline) marks the given video frame, repeats the first frame 4 times and folds 4
+    Inference (multitalk_model.generation) marks the given video frame, repeats the first frame 4 times and folds 4
     video frames per latent frame: with one given frame, that is all four channels on latent frame 0.
     """
     mask = torch.zeros(4, latent_frames, height, width)
