@@ -126,6 +126,15 @@ class ServingConfig(BaseModel):
     face_detector: Literal["auto", "mtcnn", "haar"] = Field(
         default="auto", description="Detector that finds persons in images without boxes."
     )
+    model_name: str | None = Field(
+        default=None, description="The model name the Videos API answers to (`model`); None = model_dir's name."
+    )
+    tts_model_dir: Path | None = Field(
+        default=None, description="Kokoro TTS model directory that speaks text persons; None = espeak-ng (offline)."
+    )
+    tts_voice: str | None = Field(
+        default=None, description="Default voice of text persons: a Kokoro voice (af_heart) or an espeak-ng one (en)."
+    )
     database_url: str = Field(
         default="sqlite:///multitalk-serving/jobs.db", description="SQLAlchemy URL of the job database."
     )
@@ -176,8 +185,14 @@ class ServingConfig(BaseModel):
                 "model_dir": base / self.model_dir,
                 "database_url": url.render_as_string(hide_password=False),
                 "storage_uri": storage,
+                "tts_model_dir": None if self.tts_model_dir is None else base / self.tts_model_dir,
             }
         )
+
+    @property
+    def served_model(self) -> str:
+        """The name clients give as `model`."""
+        return self.model_name or self.model_dir.name
 
     def all_api_keys(self) -> list[str]:
         """The configured keys and those in $MULTITALK_API_KEYS, read now (where the replica runs)."""

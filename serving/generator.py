@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from PIL import Image
 from ray import serve
 
 from multitalk_model.faces import build_face_detector
@@ -28,10 +29,11 @@ from multitalk_model.generation import (
     Progress,
 )
 from multitalk_model.jobs import GenerationJob
+from multitalk_model.media import read_video_frames
 
 from .config import ServingConfig
 from .device_group import DeviceGroup
-from .storage import VIDEO_NAME, Storage, job_file
+from .storage import THUMBNAIL_NAME, VIDEO_NAME, Storage, job_file
 from .store import JobState, JobStore, StepProgress
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,17 @@ def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Pa
     return job.model_copy(update={"image": str(work_dir / job.image), "persons": persons})
 
 
-def _summary(result: GenerationResult, started: datetime, ended: datetime) -> dict[str, Any]:
+def _write_thumbnail(video: Path, out: Path) -> tuple[int, int]:
+    """The video's first frame as a JPEG (download_content's thumbnail variant); returns the video's (width, height)."""
+    first = read_video_frames(video, num_frames=1)[0]
+    Image.fromarray(first).save(out, quality=90)
+    return first.shape[1], first.shape[0]
+
+
+def _summary(result: GenerationResult, size: tuple[int, int], started: datetime, ended: datetime) -> dict[str, Any]:
     return {
+        "width": size[0],
+        "height": size[1],
         "num_frames": result.num_frames,
         "duration_s": result.duration_s,
         "clips": result.clips,
@@ -131,8 +142,10 @@ class Generator:
                 started = datetime.now(UTC)
                 result = self.runner.generate(job, work_dir / VIDEO_NAME, progress=report, cancelled=lambda: not go_on)
                 ended = datetime.now(UTC)
+                size = _write_thumbnail(result.path, work_dir / THUMBNAIL_NAME)
+                self.storage.upload(work_dir / THUMBNAIL_NAME, job_file(job_id, THUMBNAIL_NAME))
                 self.storage.upload(result.path, job_file(job_id, VIDEO_NAME))
-                summary = _summary(result, started, ended)
+                summary = _summary(result, size, started, ended)
             except GenerationCancelled:
                 state = JobState.CANCELLED
             except (GenerationError, FileNotFoundError) as failure:
