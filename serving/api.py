@@ -214,9 +214,8 @@ class VideosAPI:
         tts = TtsSettings(model_dir=self.config.tts_model_dir, voice=self.config.tts_voice)
         reader = VideoFormReader(owner, self.store, self.storage, tts, self.model)
         with tempfile.TemporaryDirectory(prefix="multitalk-upload-") as work:
-            request = reader.read(form, Path(work))
+            request = reader.read(form, Path(work), self.limits)
             image, audio = request.image, request.speech
-            check_sizes(image, audio, self.limits)
             if idempotency_key is not None:
                 existing = self.store.find(owner, idempotency_key)
                 if existing is not None:

@@ -28,10 +28,11 @@ from starlette.datastructures import UploadFile
 
 from multitalk_model.tts import SpeechError, TtsSettings, synthesize_speech_file
 
+from .config import Limits
 from .inspection import UploadProblem, inspect_video, is_image
 from .storage import Storage, uploaded_file
 from .store import JobStore
-from .submission import RequestRejected, Upload, parse_options
+from .submission import RequestRejected, Upload, check_sizes, parse_options
 
 _CHUNK_BYTES = 1 << 20
 _IMAGE_FIELDS = ("input_reference", "image")
@@ -71,13 +72,31 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _refuse_videos(field: str, reference: Upload) -> None:
+    """A reference that is not a picture (by content) must be a whole video: a source video for dubbing."""
+    if not reference.size or is_image(reference.path):
+        return  # an empty file is told "empty" with the image checks
+    try:
+        video = inspect_video(reference.path, f"{field} ({reference.filename!r})")
+    except UploadProblem as problem:
+        raise RequestRejected(422, str(problem)) from None
+    raise RequestRejected(
+        422,
+        f"{field} ({reference.filename!r}): a video ({video.width}x{video.height}, {video.frames} frames); "
+        "dubbing needs the job schema's `video` field (video-to-video dubbing), which this server does not have "
+        "yet: send a reference image",
+    )
+
+
 class VideoFormReader:
     """Reads one form into a VideoForm, with the caller's stored files and the configured speech synthesiser."""
 
     def __init__(self, owner: str, store: JobStore, storage: Storage, tts: TtsSettings, model: str) -> None:
         self.owner, self.store, self.storage, self.tts, self.model = owner, store, storage, tts, model
 
-    def read(self, form: Any, work_dir: Path) -> VideoForm:
+    def read(self, form: Any, work_dir: Path, limits: Limits) -> VideoForm:
+        """The form's files saved into work_dir and its fields as job options; sizes are checked against limits
+        before any file is decoded."""
         items = [(name.removesuffix("[]"), value) for name, value in form.multi_items()]
         known = {*_IMAGE_FIELDS, _IMAGE_ID_FIELD, *_SPEECH_FIELDS, *_TEXT_FIELDS}
         unknown = sorted({name for name, _ in items} - known)
@@ -102,7 +121,7 @@ class VideoFormReader:
         options = self._openai_fields(texts, options)
 
         digest = hashlib.sha256()
-        image = self._image(items, work_dir, digest)
+        reference_field, image = self._image(items, work_dir, digest)
         speech = []
         for name, value in items:
             if name not in _SPEECH_FIELDS:
@@ -112,6 +131,8 @@ class VideoFormReader:
             speech.append(upload)
             digest.update(f"{name}:{fingerprint}".encode())
         digest.update(json.dumps([texts.get(name, "") for name in _TEXT_FIELDS]).encode())
+        check_sizes(image, speech, limits)
+        _refuse_videos(reference_field, image)
         return VideoForm(image=image, speech=speech, options=options, digest=digest.hexdigest())
 
     def _openai_fields(self, texts: dict[str, str], options: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +163,7 @@ class VideoFormReader:
                 raise RequestRejected(422, f"size: give WIDTHxHEIGHT (e.g. 832x480) or 480p | 720p, got {size!r}")
         return options
 
-    def _image(self, items: list[tuple[str, Any]], work_dir: Path, digest) -> Upload:
+    def _image(self, items: list[tuple[str, Any]], work_dir: Path, digest) -> tuple[str, Upload]:
         given = [(name, value) for name, value in items if name in (*_IMAGE_FIELDS, _IMAGE_ID_FIELD)]
         if not given:
             raise RequestRejected(
@@ -158,18 +179,7 @@ class VideoFormReader:
         else:
             image, fingerprint = save_upload(value, "image", path)
         digest.update(f"image:{fingerprint}".encode())
-        if image.size and not is_image(image.path):
-            try:  # not a picture: a source video for dubbing, when it really holds one
-                video = inspect_video(image.path, f"{name} ({image.filename!r})")
-            except UploadProblem as problem:
-                raise RequestRejected(422, str(problem)) from None
-            raise RequestRejected(
-                422,
-                f"{name} ({image.filename!r}): a video ({video.width}x{video.height}, {video.frames} frames); "
-                "dubbing needs the job schema's `video` field (video-to-video dubbing), which this server does "
-                "not have yet: send a reference image",
-            )
-        return image
+        return name, image
 
     def _speech(self, name: str, value: Any, person: int, work_dir: Path, voice: str | None) -> tuple[Upload, str]:
         field, path = f"audio {person}", work_dir / f"audio{person}"

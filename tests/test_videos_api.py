@@ -29,6 +29,7 @@ from ray import serve
 
 from multitalk_model.fixtures.speech import synthesize_speech, write_wav
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from multitalk_model.jobs import GenerationJob
 from serving.app import build_app
 from serving.config import GenerationDefaults, GeneratorScaling, Limits, ServingConfig
 from serving.store import JobStore
@@ -76,7 +77,8 @@ class Inputs:
             data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
             path.write_bytes(bytes(data))
         elif name == "truncated.jpg":
-            Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path.with_suffix(".whole.jpg"))
+            noise = np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(path.with_suffix(".whole.jpg"))  # half the file: the header and half the data
             data = path.with_suffix(".whole.jpg").read_bytes()
             path.write_bytes(data[: len(data) // 2])
         elif name == "audio_only.mp4":  # a "video" for dubbing that holds only sound
@@ -257,9 +259,9 @@ def test_a_job_that_fails_later_says_why(server):
     config, _, http = server
     # A job whose input files are gone from the storage by the time it runs (accepted straight into the store).
     job_id = "f" * 32
-    spec = {"image": "inputs/image.png", "persons": [{"audio": "inputs/audio1.wav"}], **SMALL}
+    job = GenerationJob(image="inputs/image.png", persons=[{"audio": "inputs/audio1.wav"}], **SMALL)
     owner = hashlib.sha256(KEY.encode()).hexdigest()[:32]
-    JobStore(config.database_url).submit(job_id, owner, spec, "digest")
+    JobStore(config.database_url).submit(job_id, owner, job.model_dump(mode="json"), "digest")
     # The dispatcher finds it on its next look (every dispatch_interval_s, 0.2 s here).
     job = _wait(http, job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "generation_failed"
@@ -304,7 +306,7 @@ def _bad_inputs(inputs: Inputs, http: httpx.Client) -> dict[str, tuple[list, dic
             [file_of("input_reference", "truncated.jpg"), *voice],
             {"options": _options(boxes=None)},
             422,
-            r"image \('truncated.jpg'\): its header declares 64x64 pixels but its data does not hold them",
+            r"image \('truncated.jpg'\): its header declares 256x256 pixels but its data does not hold them",
         ),
         "video for dubbing without a video stream": (
             [file_of("input_reference", "audio_only.mp4"), *voice],
