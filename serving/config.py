@@ -60,6 +60,9 @@ class GeneratorScaling(BaseModel):
     downscale_delay_s: float = Field(
         default=300.0, ge=0, description="How long replicas must stay idle before scaling down."
     )
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, description="Window over which the autoscaler averages the jobs per replica."
+    )
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (with devices_per_replica = 1).")
     graceful_shutdown_timeout_s: float = Field(
@@ -156,6 +159,11 @@ class ServingConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits, description="Request limits.")
     generator: GeneratorScaling = Field(default_factory=GeneratorScaling, description="Generator replicas.")
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults, description="Job defaults.")
+    step_hook: str | None = Field(
+        default=None,
+        description="'module:function' a generator replica calls with (job id, progress) after every sampling step; "
+        "tests hold jobs at a known step with it. None in service.",
+    )
 
     @field_validator("database_url")
     @classmethod
