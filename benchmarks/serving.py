@@ -53,7 +53,7 @@ def payload(seed: int) -> dict:
     """The request of one job, read from disk before any clock starts."""
     options = {**json.loads((MEDIA / "two_people_car.official.json").read_text()), **FAST, "seed": seed}
     audio = ("two_people_car_person1.WAV", "two_people_car_person2.WAV")
-    files = [("image", ("car.png", (MEDIA / "two_people_car.png").read_bytes(), "image/png"))]
+    files = [("input_reference", ("car.png", (MEDIA / "two_people_car.png").read_bytes(), "image/png"))]
     files += [("audio", (name, (MEDIA / name).read_bytes())) for name in audio]
     return {"files": files, "data": {"options": json.dumps(options)}}
 
@@ -66,10 +66,10 @@ def submit(client: httpx.Client, request: dict) -> str:
 
 def finished(client: httpx.Client, job_id: str) -> dict:
     """Polls every 10 ms, so the client sees the end at most that much late (the share uses the server's time)."""
-    while (job := client.get(f"/v1/videos/{job_id}", headers=AUTH).json())["state"] in ("queued", "running"):
+    while (job := client.get(f"/v1/videos/{job_id}", headers=AUTH).json())["status"] in ("queued", "in_progress"):
         time.sleep(0.01)
-    if job["state"] != "succeeded":
-        raise RuntimeError(f"job {job_id}: {job['state']}: {job['error']}")
+    if job["status"] != "completed":
+        raise RuntimeError(f"job {job_id}: {job['status']}: {job['error']}")
     return job
 
 
@@ -81,10 +81,10 @@ def api_share(client: httpx.Client, repeats: int) -> None:
         request = payload(seed)
         sent = time.time()
         job = finished(client, submit(client, request))
-        accepted, claimed = _epoch(job["created_at"]), _epoch(job["started_at"])
+        accepted, claimed = job["timestamps"]["created"], job["timestamps"]["started"]
         started = _epoch(job["result"]["generation_started_at"])
         ended = _epoch(job["result"]["generation_ended_at"])
-        available = _epoch(job["finished_at"])
+        available = job["timestamps"]["finished"]
         assert client.get(job["content_url"], headers=AUTH).status_code == 200
         spans = {
             "accept": accepted - sent,
@@ -108,7 +108,7 @@ def jobs_per_minute(client: httpx.Client, burst: int) -> float:
     requests = [payload(seed) for seed in range(burst)]
     first_sent = time.time()
     ids = [submit(client, request) for request in requests]
-    last_available = max(_epoch(finished(client, job_id)["finished_at"]) for job_id in ids)
+    last_available = max(finished(client, job_id)["timestamps"]["finished"] for job_id in ids)
     return burst / (last_available - first_sent) * 60
 
 

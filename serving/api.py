@@ -40,7 +40,7 @@ from .openai_objects import FileDeleted, FileList, FileObject, Video, VideoDelet
 from .storage import THUMBNAIL_NAME, VIDEO_NAME, Storage, job_file, job_folder, uploaded_file
 from .store import IdempotencyConflict, Job, JobState, JobStore, QueueFull
 from .submission import RequestRejected, Upload, build_job, check_sizes
-from .video_form import VideoFormReader, save_upload
+from .video_form import VideoFormReader, json_fields, save_upload
 
 WEB_DIR = Path(__file__).parent / "web"
 # download_content's variants: the file of a job each names, and its media type.
@@ -102,6 +102,19 @@ async def _multipart(request: Request, limit_bytes: int, limit_names: str, max_f
         return await request.form(max_files=max_files, max_fields=32)
     except StarletteHTTPException as error:  # the multipart parser's own complaints (too many files, bad body)
         raise RequestRejected(error.status_code, f"request: {error.detail}") from None
+
+
+async def _json_body(request: Request) -> Any:
+    """A JSON body (no files: those come as /v1/files ids), refused over the form overhead limit."""
+    body = await request.body()
+    if len(body) > _FORM_OVERHEAD_BYTES:
+        raise RequestRejected(
+            413, f"request: {len(body)} bytes of JSON, over {_FORM_OVERHEAD_BYTES}; upload files first"
+        )
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as error:
+        raise RequestRejected(422, f"body: not valid JSON ({error})") from None
 
 
 def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -195,26 +208,29 @@ class VideosAPI:
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=255),
     ) -> JSONResponse:
-        """multipart/form-data (OpenAI's create-video form and ours; see serving/video_form.py): `input_reference`
+        """multipart/form-data, or JSON with files as /v1/files ids (see serving/video_form.py): `input_reference`
         (the reference image), the persons' speech as `audio` files, `audio_file_id`s or `speech_text`, `prompt`,
         `model`, `seconds`, `size`, and `options` (a JSON object: GenerationJob fields, `boxes`, `fast`; or the
         official MultiTalk input JSON)."""
         owner = self._owner(credentials)
-        limits = self.limits
-        largest = limits.max_image_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
-        limit_names = "limits.max_image_bytes + limits.max_persons x limits.max_audio_bytes"
-        form = await _multipart(request, largest, limit_names, max_files=limits.max_persons + 2)
-        response, created = await run_in_threadpool(self._submit, owner, form, idempotency_key)
+        if request.headers.get("content-type", "").startswith("application/json"):
+            fields = json_fields(await _json_body(request))
+        else:
+            limits = self.limits
+            largest = limits.max_image_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
+            limit_names = "limits.max_image_bytes + limits.max_persons x limits.max_audio_bytes"
+            fields = list((await _multipart(request, largest, limit_names, limits.max_persons + 2)).multi_items())
+        response, created = await run_in_threadpool(self._submit, owner, fields, idempotency_key)
         if created:
             self.dispatcher.wake.remote()
         return response
 
-    def _submit(self, owner: str, form: Any, idempotency_key: str | None) -> tuple[JSONResponse, bool]:
+    def _submit(self, owner: str, fields: list, idempotency_key: str | None) -> tuple[JSONResponse, bool]:
         """Checks, stores and queues a submission (in a worker thread: it decodes media and writes files)."""
         tts = TtsSettings(model_dir=self.config.tts_model_dir, voice=self.config.tts_voice)
         reader = VideoFormReader(owner, self.store, self.storage, tts, self.model)
         with tempfile.TemporaryDirectory(prefix="multitalk-upload-") as work:
-            request = reader.read(form, Path(work), self.limits)
+            request = reader.read(fields, Path(work), self.limits)
             image, audio = request.image, request.speech
             if idempotency_key is not None:
                 existing = self.store.find(owner, idempotency_key)

@@ -47,6 +47,18 @@ class StepsProgress(BaseModel):
     steps: int
 
 
+class Timestamps(BaseModel):
+    """When the job was accepted, (last) started and ended: unix seconds to the microsecond (OpenAI's are whole)."""
+
+    created: float
+    started: float | None
+    finished: float | None
+
+
+def _precise(moment: datetime | None) -> float | None:
+    return None if moment is None else as_utc(moment).timestamp()
+
+
 class Video(BaseModel):
     """OpenAI's video object, and this server's extra fields after `size`."""
 
@@ -66,7 +78,7 @@ class Video(BaseModel):
     progress_detail: StepsProgress
     prompt_schedule: list[PromptAt] | None
     persons: int
-    started_at: int | None
+    timestamps: Timestamps
     attempts: int
     cancel_requested: bool
     result: dict[str, Any] | None
@@ -91,7 +103,9 @@ class Video(BaseModel):
             progress_detail=StepsProgress(clip=job.clip, clips=job.clips, step=job.step, steps=job.steps),
             prompt_schedule=schedule,
             persons=len(spec["persons"]),
-            started_at=unix_seconds(job.started_at),
+            timestamps=Timestamps(
+                created=_precise(job.created_at), started=_precise(job.started_at), finished=_precise(job.finished_at)
+            ),
             attempts=job.attempts,
             cancel_requested=job.cancel_requested,
             result=result,

@@ -26,6 +26,7 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 
+from multitalk_model.jobs import GenerationJob
 from multitalk_model.tts import SpeechError, TtsSettings, synthesize_speech_file
 
 from .config import Limits
@@ -40,6 +41,8 @@ _IMAGE_ID_FIELD = "input_reference[file_id]"
 _SPEECH_FIELDS = ("audio", "audio_file_id", "speech_text")
 _TEXT_FIELDS = ("prompt", "model", "seconds", "size", "options")
 _SIZE = re.compile(r"(\d+)x(\d+)")
+# Our options besides GenerationJob's fields (see submission.build_job).
+_OPTION_FIELDS = ("boxes", "fast", "speech_voice")
 
 
 @dataclass
@@ -72,6 +75,38 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def json_fields(body: Any) -> list[tuple[str, Any]]:
+    """A JSON create body (what AIPerf and other JSON clients send) as form fields: files come as /v1/files ids
+    (`input_reference: {"file_id": ...}` or the id, `audio_file_id`: one id or a list), `speech_text` a text or a
+    list, `options` an object; GenerationJob fields may also sit at the top level, as options."""
+    if not isinstance(body, dict):
+        raise RequestRejected(422, f"body: must be a JSON object, got {type(body).__name__}")
+    body = dict(body)
+    fields: list[tuple[str, Any]] = []
+    reference = body.pop("input_reference", None)
+    if reference is not None:
+        file_id = reference.get("file_id") if isinstance(reference, dict) else reference
+        if not isinstance(file_id, str):
+            raise RequestRejected(422, 'input_reference: give {"file_id": ...} of a /v1/files upload')
+        fields.append((_IMAGE_ID_FIELD, file_id))
+    for name in ("audio_file_id", "speech_text"):
+        values = body.pop(name, [])
+        for value in values if isinstance(values, list) else [values]:
+            fields.append((name, value))
+    options = body.pop("options", {})
+    if isinstance(options, str):
+        options = parse_options(options)
+    if not isinstance(options, dict):
+        raise RequestRejected(422, "options: must be a JSON object")
+    job_fields = {name for name in body if name in GenerationJob.model_fields or name in _OPTION_FIELDS}
+    options = {**{name: body.pop(name) for name in job_fields - set(_TEXT_FIELDS)}, **options}
+    for name, value in body.items():
+        fields.append((name, value if isinstance(value, str) else json.dumps(value)))
+    if options:
+        fields.append(("options", json.dumps(options)))
+    return fields
+
+
 def _refuse_videos(field: str, reference: Upload) -> None:
     """A reference that is not a picture (by content) must be a whole video: a source video for dubbing."""
     if not reference.size or is_image(reference.path):
@@ -94,10 +129,10 @@ class VideoFormReader:
     def __init__(self, owner: str, store: JobStore, storage: Storage, tts: TtsSettings, model: str) -> None:
         self.owner, self.store, self.storage, self.tts, self.model = owner, store, storage, tts, model
 
-    def read(self, form: Any, work_dir: Path, limits: Limits) -> VideoForm:
-        """The form's files saved into work_dir and its fields as job options; sizes are checked against limits
-        before any file is decoded."""
-        items = [(name.removesuffix("[]"), value) for name, value in form.multi_items()]
+    def read(self, fields: list[tuple[str, Any]], work_dir: Path, limits: Limits) -> VideoForm:
+        """The request's fields (a form's multi_items, or json_fields of a JSON body) with its files saved into
+        work_dir, and the rest as job options; sizes are checked against limits before any file is decoded."""
+        items = [(name.removesuffix("[]"), value) for name, value in fields]
         known = {*_IMAGE_FIELDS, _IMAGE_ID_FIELD, *_SPEECH_FIELDS, *_TEXT_FIELDS}
         unknown = sorted({name for name, _ in items} - known)
         if unknown:
