@@ -201,6 +201,27 @@ def test_the_earlier_multipart_form_still_works(server, inputs):
     assert _wait(http, response.json()["id"])["status"] == "completed"
 
 
+def test_a_json_create_body_takes_its_files_as_ids_as_aiperf_sends_it(server, inputs):
+    _, _, http = server
+
+    def upload(path: Path) -> str:
+        files = [("file", (path.name, path.read_bytes()))]
+        return http.post("/v1/files", files=files, data={"purpose": "user_data"}).json()["id"]
+
+    body = {
+        "prompt": "two people talk",
+        "model": "multitalk-tiny",
+        "input_reference": {"file_id": upload(inputs.image)},
+        "audio_file_id": [upload(path) for path in inputs.speech],
+        "seed": 5,  # job fields may sit at the top level
+        "options": {"boxes": BOXES},
+    }
+    response = http.post("/v1/videos", json=body)
+    assert response.status_code == 202, response.text
+    job = _wait(http, response.json()["id"])
+    assert job["status"] == "completed" and job["persons"] == 2 and job["result"]["region_source"] == "boxes"
+
+
 def test_progress_streams_as_server_sent_events_until_the_job_ends(server, inputs):
     _, _, http = server
     job_id = _submit(http, inputs, {"steps": 3})
