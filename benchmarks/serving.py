@@ -5,10 +5,14 @@
    The first part is broken down into accepting the request (checks, storing the inputs, queueing), dispatching it
    to a generator, and fetching the inputs there. Client and server share this machine's clock.
 2. Jobs per minute with 1 and 2 generator replicas (one CPU each) on a burst of jobs, and their ratio.
+3. With --aiperf PATH (the `aiperf` command, NVIDIA AIPerf >= 0.13, installed in a virtualenv of its own: it pins
+   huggingface-hub < 2, which the model's transformers cannot use), the same server loaded by AIPerf's video
+   generation benchmark (`--endpoint-type video_generation`: JSON create with the inputs as /v1/files ids, polling,
+   download), so the figures compare with what the same tool reports for other /v1/videos servers.
 
 The job is the two_people_car example (../shared/media) at the tiny fast settings, with its official boxes.
 
-    python benchmarks/serving.py [--repeats 5] [--burst 6]
+    python benchmarks/serving.py [--repeats 5] [--burst 6] [--aiperf .venv-aiperf/bin/aiperf --aiperf-requests 4]
 """
 
 import argparse
@@ -16,6 +20,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +58,7 @@ def payload(seed: int) -> dict:
     """The request of one job, read from disk before any clock starts."""
     options = {**json.loads((MEDIA / "two_people_car.official.json").read_text()), **FAST, "seed": seed}
     audio = ("two_people_car_person1.WAV", "two_people_car_person2.WAV")
-    files = [("image", ("car.png", (MEDIA / "two_people_car.png").read_bytes(), "image/png"))]
+    files = [("input_reference", ("car.png", (MEDIA / "two_people_car.png").read_bytes(), "image/png"))]
     files += [("audio", (name, (MEDIA / name).read_bytes())) for name in audio]
     return {"files": files, "data": {"options": json.dumps(options)}}
 
@@ -66,10 +71,10 @@ def submit(client: httpx.Client, request: dict) -> str:
 
 def finished(client: httpx.Client, job_id: str) -> dict:
     """Polls every 10 ms, so the client sees the end at most that much late (the share uses the server's time)."""
-    while (job := client.get(f"/v1/videos/{job_id}", headers=AUTH).json())["state"] in ("queued", "running"):
+    while (job := client.get(f"/v1/videos/{job_id}", headers=AUTH).json())["status"] in ("queued", "in_progress"):
         time.sleep(0.01)
-    if job["state"] != "succeeded":
-        raise RuntimeError(f"job {job_id}: {job['state']}: {job['error']}")
+    if job["status"] != "completed":
+        raise RuntimeError(f"job {job_id}: {job['status']}: {job['error']}")
     return job
 
 
@@ -81,10 +86,10 @@ def api_share(client: httpx.Client, repeats: int) -> None:
         request = payload(seed)
         sent = time.time()
         job = finished(client, submit(client, request))
-        accepted, claimed = _epoch(job["created_at"]), _epoch(job["started_at"])
+        accepted, claimed = job["timestamps"]["created"], job["timestamps"]["started"]
         started = _epoch(job["result"]["generation_started_at"])
         ended = _epoch(job["result"]["generation_ended_at"])
-        available = _epoch(job["finished_at"])
+        available = job["timestamps"]["finished"]
         assert client.get(job["content_url"], headers=AUTH).status_code == 200
         spans = {
             "accept": accepted - sent,
@@ -108,14 +113,49 @@ def jobs_per_minute(client: httpx.Client, burst: int) -> float:
     requests = [payload(seed) for seed in range(burst)]
     first_sent = time.time()
     ids = [submit(client, request) for request in requests]
-    last_available = max(_epoch(finished(client, job_id)["finished_at"]) for job_id in ids)
+    last_available = max(finished(client, job_id)["timestamps"]["finished"] for job_id in ids)
     return burst / (last_available - first_sent) * 60
+
+
+def aiperf(client: httpx.Client, command: str, requests: int, work: Path, model: str) -> dict:
+    """AIPerf's video generation benchmark against the running server, one request at a time; its own summary."""
+    artifacts = work / "aiperf"
+    artifacts.mkdir()
+    ids = {}
+    for name in ("two_people_car.png", "two_people_car_person1.WAV", "two_people_car_person2.WAV"):
+        files = [("file", (name, (MEDIA / name).read_bytes()))]
+        ids[name] = client.post("/v1/files", headers=AUTH, files=files, data={"purpose": "user_data"}).json()["id"]
+    prompts = artifacts / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": "Two people talk in a car."}) + "\n")
+    boxes = json.loads((MEDIA / "two_people_car.official.json").read_text())["bbox"]
+    options = {**FAST, "boxes": [[x0, y0, x1, y1] for y0, x0, y1, x1 in boxes.values()]}
+    extra = {
+        "input_reference": ids["two_people_car.png"],
+        "audio_file_id": [ids["two_people_car_person1.WAV"], ids["two_people_car_person2.WAV"]],
+        "options": options,
+    }
+    arguments = [command, "profile", "--url", str(client.base_url), "--model", model, "--api-key", KEY]
+    arguments += ["--endpoint-type", "video_generation", "--download-video-content", "--tokenizer", "builtin"]
+    arguments += ["--input-file", str(prompts), "--custom-dataset-type", "single_turn", "--concurrency", "1"]
+    arguments += ["--request-count", str(requests), "--warmup-request-count", "1", "--artifact-dir", str(artifacts)]
+    arguments += ["--request-timeout-seconds", "600", "--extra-inputs", json.dumps(extra)]
+    subprocess.run(arguments, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(next(artifacts.rglob("profile_export_aiperf.json")).read_text())
+
+
+def print_aiperf(summary: dict) -> None:
+    latency, throughput = summary["request_latency"], summary["request_throughput"]
+    print(f"  AIPerf video_generation, {summary['request_count']['avg']:.0f} requests at concurrency 1:")
+    print(f"    request latency avg {latency['avg']:.0f} {latency['unit']}, p99 {latency['p99']:.0f} {latency['unit']}")
+    print(f"    {throughput['avg'] * 60:.1f} requests/min")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="jobs timed one after the other for the API share")
     parser.add_argument("--burst", type=int, default=6, help="jobs submitted at once for the throughput")
+    parser.add_argument("--aiperf", default=None, help="the aiperf command: also load the server with AIPerf")
+    parser.add_argument("--aiperf-requests", type=int, default=4, help="requests of the AIPerf run")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,6 +188,8 @@ def main() -> None:
                         finished(client, job_id)  # warm up every new replica
                     rates[replicas] = jobs_per_minute(client, args.burst)
                     print(f"  {rates[replicas]:.1f} jobs/min on a burst of {args.burst}")
+                    if replicas == 1 and args.aiperf:
+                        print_aiperf(aiperf(client, args.aiperf, args.aiperf_requests, root, config.served_model))
         finally:
             serve.shutdown()
             ray.shutdown()

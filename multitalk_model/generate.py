@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .generation import GenerationError, MultiTalkPipeline, Progress
-from .jobs import GenerationJob, JobError, load_job
+from .jobs import GenerationJob, JobError, PersonInput, load_job
+from .tts import SpeechError, TtsSettings, synthesize_speech_file
 
 # Command-line flag -> job field, for the fields worth overriding from a shell.
 OVERRIDES = {
@@ -65,6 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preview", type=Path, default=None, help="write the person regions over the image here")
     parser.add_argument("--resolution", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None)
     parser.add_argument("--apg", action="store_true", help="adaptive projected guidance")
+    parser.add_argument(
+        "--speech",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="the i-th --speech is person i's speech as text: it replaces that person's audio (or adds a person)",
+    )
+    parser.add_argument("--tts-model-dir", type=Path, default=None, help="Kokoro model that speaks --speech")
+    parser.add_argument("--voice", default=None, help="voice of --speech (Kokoro: af_heart; espeak-ng: en)")
     for name, kind in OVERRIDES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
     return parser.parse_args(argv)
@@ -80,6 +91,19 @@ def job_with_overrides(args: argparse.Namespace) -> GenerationJob:
     return GenerationJob.model_validate({**job.model_dump(), **updates})
 
 
+def with_spoken_text(job: GenerationJob, args: argparse.Namespace, work_dir: Path) -> GenerationJob:
+    """The job with each --speech text spoken (Kokoro from --tts-model-dir, else espeak-ng) as its person's audio."""
+    persons = list(job.persons)
+    settings = TtsSettings(model_dir=args.tts_model_dir, voice=args.voice)
+    for index, text in enumerate(args.speech):
+        audio = str(synthesize_speech_file(text, work_dir / f"speech{index + 1}.wav", settings))
+        if index < len(persons):
+            persons[index] = persons[index].model_copy(update={"audio": audio})
+        else:
+            persons.append(PersonInput(audio=audio))
+    return GenerationJob.model_validate({**job.model_dump(), "persons": [p.model_dump() for p in persons]})
+
+
 def parse_lora(spec: str) -> tuple[Path, float]:
     path, _, scale = spec.rpartition(":") if ":" in spec else (spec, "", "1.0")
     return Path(path), float(scale)
@@ -87,11 +111,17 @@ def parse_lora(spec: str) -> tuple[Path, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        job = job_with_overrides(args)
-    except (JobError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="multitalk-speech-") as work:
+        try:  # the job and its spoken text first: a bad input fails before any model loads
+            job = job_with_overrides(args)
+            job = with_spoken_text(job, args, Path(work)) if args.speech else job
+        except (JobError, SpeechError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return _generate(job, args)
+
+
+def _generate(job: GenerationJob, args: argparse.Namespace) -> int:
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     pipeline = MultiTalkPipeline.from_model_dir(
         args.model_dir,

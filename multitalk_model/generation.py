@@ -253,8 +253,12 @@ class MultiTalkPipeline:
         device = self.device
         starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
         audio = self._audio_features(prepared, starts[-1] + job.frame_num)
+        # A prompt schedule conditions each clip on the prompt in force at its first frame: encode each text once.
+        clip_prompts = [job.prompt_at(clip_start / VIDEO_FPS) for clip_start in starts]
+        texts = list(dict.fromkeys([*clip_prompts, job.negative_prompt]))
         with self._on_device(c.text_encoder):
-            text, negative_text = encode_prompt(c, [job.prompt, job.negative_prompt], device).split(1)
+            encoded = dict(zip(texts, encode_prompt(c, texts, device).split(1), strict=True))
+        negative_text = encoded[job.negative_prompt]
         masks = self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None
         timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(device)
         scales = GuidanceScales(text=job.text_guidance, audio=job.audio_guidance)
@@ -282,7 +286,7 @@ class MultiTalkPipeline:
             denoiser = GuidedDenoiser(
                 c.transformer,
                 scales,
-                text,
+                encoded[clip_prompts[clip_index]],
                 negative_text,
                 image_states.to(device),
                 audio[:, :, clip_start : clip_start + job.frame_num].to(device),

@@ -49,6 +49,15 @@ class PersonInput(BaseModel):
         return box
 
 
+class PromptAt(BaseModel):
+    """One entry of a prompt schedule: the prompt in force from start_s on (until the next entry's start)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_s: float = Field(ge=0, description="Seconds into the video from which this prompt holds.")
+    prompt: str = Field(description="Text describing the scene from start_s on.")
+
+
 def _check_4n_plus_1(name: str, value: int) -> int:
     # The VAE compresses 4 frames into one latent frame after the first, so clip lengths are 4n + 1.
     if value % 4 != 1:
@@ -65,7 +74,11 @@ class GenerationJob(BaseModel):
     persons: list[PersonInput] = Field(
         min_length=1, description="One entry per person; without boxes, persons count from the left."
     )
-    prompt: str = Field(default="", description="Text describing the scene.")
+    prompt: str | list[PromptAt] = Field(
+        default="",
+        description="Text describing the scene, or a schedule [{start_s, prompt}] (first at 0 s): each streaming clip "
+        "is conditioned on the prompt in force at its start.",
+    )
     negative_prompt: str = Field(default=REFERENCE_NEGATIVE_PROMPT, description="Text the video should avoid.")
     audio_type: Literal["add", "para"] = Field(
         default="add", description="add: the persons speak in turn, one after the other; para: at the same time."
@@ -109,6 +122,18 @@ class GenerationJob(BaseModel):
             raise ValueError(f"resolution must be [height, width] in multiples of 16, got {list(value)}")
         return value
 
+    @field_validator("prompt")
+    @classmethod
+    def _schedule_starts_at_zero_and_increases(cls, value: str | list[PromptAt]) -> str | list[PromptAt]:
+        if isinstance(value, str):
+            return value
+        starts = [entry.start_s for entry in value]
+        if not starts or starts[0] != 0:
+            raise ValueError(f"a prompt schedule must start with an entry at start_s 0, got starts {starts}")
+        if any(later <= earlier for earlier, later in zip(starts, starts[1:], strict=False)):
+            raise ValueError(f"a prompt schedule's start_s must increase, got {starts}")
+        return value
+
     @field_validator("frame_num")
     @classmethod
     def _frame_num_is_4n_plus_1(cls, value: int) -> int:
@@ -130,6 +155,17 @@ class GenerationJob(BaseModel):
                 f"{with_box}); give a box for every person or for none"
             )
         return self
+
+    def prompt_at(self, seconds: float) -> str:
+        """The prompt in force `seconds` into the video."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return [entry.prompt for entry in self.prompt if entry.start_s <= seconds][-1]
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        """Every prompt text of the job (one, or each of a schedule's)."""
+        return [self.prompt] if isinstance(self.prompt, str) else [entry.prompt for entry in self.prompt]
 
     @property
     def resolved_shift(self) -> float:

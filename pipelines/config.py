@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -164,9 +164,13 @@ class CurationConfig(ConfigSection):
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="webdataset shards")
 
 
-def load_config(path: str | os.PathLike, **overrides: str | None) -> CurationConfig:
-    """Read and validate a YAML config; non-None `overrides` (input, output) replace top-level fields."""
-    config = read_config(path, CurationConfig, overrides)
+def load_config(
+    path: str | os.PathLike, sets: Mapping[str, Any] | None = None, **overrides: str | None
+) -> CurationConfig:
+    """Read and validate a YAML config; `sets` (dotted field -> value, from --set) and the non-None `overrides`
+    (input, output) replace fields of the file."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    config = read_config(path, CurationConfig, {**(sets or {}), **given})
     require(path, {"input": config.input, "output": config.output, "wav2vec.model_path": config.wav2vec.model_path})
     config.input, config.output = absolute_location(config.input), absolute_location(config.output)
     if config.faces.insightface_pack:

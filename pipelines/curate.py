@@ -1,6 +1,6 @@
 """Curate raw videos into the training corpus: `python pipelines/curate.py --config CONFIG.yaml [--input URI]
-[--output DIR] [--serial]`, on an embedded local Ray or, under `ray job submit` or with RAY_ADDRESS set, on a
-cluster; `--serial` runs the same stages in this process without Ray."""
+[--output DIR] [--serial] [--set KEY.SUB=VALUE ...]`, on an embedded local Ray or, under `ray job submit` or with
+RAY_ADDRESS set, on a cluster; `--serial` runs the same stages in this process without Ray."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pipelines.report import write_report
 from pipelines.sink import CorpusSink, WrittenShard
 from pipelines.stages.whisperx_asr import WhisperXEnvError, check_whisperx_env, whisperx_runtime_env
 from pipelines.storage import list_inputs
+from platform_common.config import add_set_option, parse_sets, write_resolved_config
 
 logger = logging.getLogger("pipelines.curate")
 
@@ -76,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--serial", action="store_true", help="run the stages one after another in this process, without Ray (debug)"
     )
+    add_set_option(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, input=args.input, output=args.output)
+        config = load_config(args.config, parse_sets(args.sets), input=args.input, output=args.output)
+        logger.info("resolved config: %s", write_resolved_config(config, config.output))
         run(config, serial=args.serial)
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")

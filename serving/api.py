@@ -6,6 +6,7 @@ completely (sizes, limits, decodable image and audio, boxes inside the image, on
 it is accepted; its files then go to the storage and the job to the store, and the dispatcher is woken.
 """
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -13,9 +14,8 @@ import math
 import tempfile
 import threading
 import uuid
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,22 +25,28 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multitalk_model.faces import FaceDetector, build_face_detector
 from multitalk_model.jobs import GenerationJob
 from multitalk_model.media import MediaError, load_image
 from multitalk_model.regions import locate_persons, validate_box
+from multitalk_model.tts import TtsSettings
 
 from . import metrics
 from .config import ServingConfig
-from .storage import VIDEO_NAME, Storage, job_file
-from .store import IdempotencyConflict, Job, JobState, JobStore, QueueFull, as_utc
-from .submission import RequestRejected, Upload, build_job, check_sizes, parse_options
+from .http_range import file_response
+from .openai_objects import FileDeleted, FileList, FileObject, Video, VideoDeleted, VideoList
+from .storage import THUMBNAIL_NAME, VIDEO_NAME, Storage, job_file, job_folder, uploaded_file
+from .store import IdempotencyConflict, Job, JobState, JobStore, QueueFull
+from .submission import RequestRejected, Upload, build_job, check_sizes
+from .video_form import VideoFormReader, json_fields, save_upload
 
 WEB_DIR = Path(__file__).parent / "web"
-_CHUNK_BYTES = 1 << 20
+# download_content's variants: the file of a job each names, and its media type.
+_VARIANTS = {"video": (VIDEO_NAME, "video/mp4"), "thumbnail": (THUMBNAIL_NAME, "image/jpeg")}
+# How often a progress event stream looks at its job (progress is written per step, far slower than this).
+_EVENTS_POLL_S = 0.25
 # Multipart boundaries, headers and the options field on top of the files' own limits.
 _FORM_OVERHEAD_BYTES = 1 << 20
 # Retry-After before any job has finished, when there is no measured job time yet.
@@ -64,53 +70,6 @@ async def _rejected(_request: Request, error: RequestRejected) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------------------------ response bodies
-
-
-class JobProgress(BaseModel):
-    clip: int  # 1-based; 0 before the first step
-    clips: int
-    step: int  # steps done in this clip
-    steps: int
-    percent: float
-
-
-class VideoJob(BaseModel):
-    id: str
-    state: JobState
-    progress: JobProgress
-    prompt: str
-    persons: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    attempts: int
-    cancel_requested: bool
-    result: dict[str, Any] | None
-    content_url: str | None
-
-    @classmethod
-    def of(cls, job: Job) -> "VideoJob":
-        return cls(
-            id=job.id,
-            state=job.state,
-            progress=JobProgress(clip=job.clip, clips=job.clips, step=job.step, steps=job.steps, percent=job.percent),
-            prompt=job.spec["prompt"],
-            persons=len(job.spec["persons"]),
-            created_at=as_utc(job.created_at),
-            started_at=as_utc(job.started_at),
-            finished_at=as_utc(job.finished_at),
-            error=job.error,
-            attempts=job.attempts,
-            cancel_requested=job.cancel_requested,
-            result=job.result,
-            content_url=f"/v1/videos/{job.id}/content" if job.state == JobState.SUCCEEDED else None,
-        )
-
-
-class VideoList(BaseModel):
-    jobs: list[VideoJob]
-    next_cursor: str | None  # pass as ?cursor= for the next (older) page; None on the last page
 
 
 class Regions(BaseModel):
@@ -140,23 +99,22 @@ async def _multipart(request: Request, limit_bytes: int, limit_names: str, max_f
             f"{limit_bytes / 2**20:.1f} MB ({limit_names})",
         )
     try:
-        return await request.form(max_files=max_files, max_fields=16)
+        return await request.form(max_files=max_files, max_fields=32)
     except StarletteHTTPException as error:  # the multipart parser's own complaints (too many files, bad body)
         raise RequestRejected(error.status_code, f"request: {error.detail}") from None
 
 
-def _save(upload: Any, field: str, path: Path) -> tuple[Upload, str]:
-    """Copies an uploaded file to path; returns it and the sha256 of its bytes."""
-    if not isinstance(upload, UploadFile):
-        raise RequestRejected(422, f"{field}: must be a file upload")
-    digest, size = hashlib.sha256(), 0
-    upload.file.seek(0)
-    with open(path, "wb") as target:
-        while chunk := upload.file.read(_CHUNK_BYTES):
-            target.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-    return Upload(field=field, filename=upload.filename or field, path=path, size=size), digest.hexdigest()
+async def _json_body(request: Request) -> Any:
+    """A JSON body (no files: those come as /v1/files ids), refused over the form overhead limit."""
+    body = await request.body()
+    if len(body) > _FORM_OVERHEAD_BYTES:
+        raise RequestRejected(
+            413, f"request: {len(body)} bytes of JSON, over {_FORM_OVERHEAD_BYTES}; upload files first"
+        )
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as error:
+        raise RequestRejected(422, f"body: not valid JSON ({error})") from None
 
 
 def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -181,6 +139,7 @@ class VideosAPI:
             raise ValueError("api_keys: no API key configured; list some under api_keys or in $MULTITALK_API_KEYS")
         self.owners = {key: _owner_of(key) for key in keys}
         self.config = config
+        self.model = config.served_model
         self.limits = config.limits
         self.dispatcher = dispatcher
         self.store = JobStore(config.database_url)
@@ -242,60 +201,52 @@ class VideosAPI:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    @app.post("/v1/videos", status_code=202, response_model=VideoJob, summary="Submit a video job")
+    @app.post("/v1/videos", status_code=202, response_model=Video, summary="Submit a video job")
     async def submit(
         self,
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=255),
     ) -> JSONResponse:
-        """multipart/form-data: `image` (the reference image), `audio` once per person in order, and `options` (a JSON
-        object: GenerationJob fields, `boxes`, `fast`; or the official MultiTalk input JSON)."""
+        """multipart/form-data, or JSON with files as /v1/files ids (see serving/video_form.py): `input_reference`
+        (the reference image), the persons' speech as `audio` files, `audio_file_id`s or `speech_text`, `prompt`,
+        `model`, `seconds`, `size`, and `options` (a JSON object: GenerationJob fields, `boxes`, `fast`; or the
+        official MultiTalk input JSON)."""
         owner = self._owner(credentials)
-        limits = self.limits
-        largest = limits.max_image_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
-        limit_names = "limits.max_image_bytes + limits.max_persons x limits.max_audio_bytes"
-        form = await _multipart(request, largest, limit_names, max_files=limits.max_persons + 2)
-        response, created = await run_in_threadpool(self._submit, owner, form, idempotency_key)
+        if request.headers.get("content-type", "").startswith("application/json"):
+            fields = json_fields(await _json_body(request))
+        else:
+            limits = self.limits
+            largest = limits.max_image_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
+            limit_names = "limits.max_image_bytes + limits.max_persons x limits.max_audio_bytes"
+            fields = list((await _multipart(request, largest, limit_names, limits.max_persons + 2)).multi_items())
+        response, created = await run_in_threadpool(self._submit, owner, fields, idempotency_key)
         if created:
             self.dispatcher.wake.remote()
         return response
 
-    def _submit(self, owner: str, form: Any, idempotency_key: str | None) -> tuple[JSONResponse, bool]:
+    def _submit(self, owner: str, fields: list, idempotency_key: str | None) -> tuple[JSONResponse, bool]:
         """Checks, stores and queues a submission (in a worker thread: it decodes media and writes files)."""
-        if form.get("image") is None:
-            raise RequestRejected(422, "image: missing; upload the reference image as the field 'image'")
-        options_text = form.get("options")
-        if options_text is not None and not isinstance(options_text, str):
-            raise RequestRejected(422, "options: must be a JSON text field, not a file")
+        tts = TtsSettings(model_dir=self.config.tts_model_dir, voice=self.config.tts_voice)
+        reader = VideoFormReader(owner, self.store, self.storage, tts, self.model)
         with tempfile.TemporaryDirectory(prefix="multitalk-upload-") as work:
-            work_dir = Path(work)
-            image, image_hash = _save(form["image"], "image", work_dir / "image")
-            saved = [
-                _save(upload, f"audio {index + 1}", work_dir / f"audio{index + 1}")
-                for index, upload in enumerate(form.getlist("audio"))
-            ]
-            audio = [upload for upload, _ in saved]
-            check_sizes(image, audio, self.limits)
-            request_digest = hashlib.sha256(
-                json.dumps([options_text or "", image_hash, *(file_hash for _, file_hash in saved)]).encode()
-            ).hexdigest()
-
+            request = reader.read(fields, Path(work), self.limits)
+            image, audio = request.image, request.speech
             if idempotency_key is not None:
                 existing = self.store.find(owner, idempotency_key)
                 if existing is not None:
-                    return self._accepted(self._replay(existing, request_digest), replayed=True), False
+                    return self._accepted(self._replay(existing, request.digest), replayed=True), False
             if self.store.state_counts().get(JobState.QUEUED, 0) >= self.config.max_queued_jobs:
                 return self._queue_full(f"{self.config.max_queued_jobs} jobs are waiting (max_queued_jobs)"), False
 
-            job = build_job(parse_options(options_text), image, audio, self.config)
+            job = build_job(request.options, image, audio, self.config)
             job_id = uuid.uuid4().hex
             spec, files = _stored_spec(job, image, audio)
             for name, local in files.items():
                 self.storage.upload(local, job_file(job_id, name))
         try:
             record, created = self.store.submit(
-                job_id, owner, spec, request_digest, idempotency_key, self.config.max_queued_jobs
+                job_id, owner, spec, request.digest, idempotency_key, self.config.max_queued_jobs
             )
         except QueueFull as full:
             return self._queue_full(str(full)), False
@@ -309,58 +260,157 @@ class VideosAPI:
         except IdempotencyConflict as conflict:
             raise HTTPException(409, str(conflict)) from None
 
-    @staticmethod
-    def _accepted(job: Job, replayed: bool) -> JSONResponse:
+    def _video(self, job: Job) -> dict[str, Any]:
+        return Video.of(job, self.model).model_dump(mode="json")
+
+    def _accepted(self, job: Job, replayed: bool) -> JSONResponse:
         headers = {"Location": f"/v1/videos/{job.id}"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(VideoJob.of(job).model_dump(mode="json"), status_code=202, headers=headers)
+        return JSONResponse(self._video(job), status_code=202, headers=headers)
 
-    @app.get("/v1/videos", response_model=VideoList, summary="The caller's jobs, newest first")
+    @app.get("/v1/videos", response_model=VideoList, summary="The caller's jobs")
     def list_videos(
         self,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
         limit: int = Query(default=20, ge=1, le=100),
-        cursor: str | None = Query(default=None, description="next_cursor of the previous page"),
+        after: str | None = Query(default=None, description="last_id of the previous page"),
+        order: Literal["asc", "desc"] = Query(default="desc", description="by creation: desc = newest first"),
     ) -> VideoList:
         owner = self._owner(credentials)
-        if cursor is not None and not cursor.isdigit():
-            raise HTTPException(422, f"cursor: {cursor!r} is not a cursor this API returned")
-        jobs = self.store.list_jobs(owner, limit + 1, int(cursor) if cursor else None)
-        page, more = jobs[:limit], len(jobs) > limit
-        return VideoList(jobs=[VideoJob.of(job) for job in page], next_cursor=str(page[-1].seq) if more else None)
+        after_job = None if after is None else self.store.get(after)
+        if after is not None and (after_job is None or after_job.owner != owner):
+            raise HTTPException(422, f"after: {after!r} is not one of your videos")
+        jobs = self.store.list_jobs(owner, limit + 1, after_job, newest_first=order == "desc")
+        page = [Video.of(job, self.model) for job in jobs[:limit]]
+        return VideoList(
+            data=page,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(jobs) > limit,
+        )
 
-    @app.get("/v1/videos/{job_id}", response_model=VideoJob, summary="A job's state and progress")
-    def get_video(self, job_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> VideoJob:
-        return VideoJob.of(self._own_job(job_id, self._owner(credentials)))
+    @app.get("/v1/videos/{job_id}", response_model=Video, summary="A job's status and progress")
+    def get_video(self, job_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Video:
+        return Video.of(self._own_job(job_id, self._owner(credentials)), self.model)
 
-    @app.get("/v1/videos/{job_id}/content", summary="The video (mp4) of a succeeded job")
-    def get_content(
-        self, job_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+    @app.get("/v1/videos/{job_id}/events", summary="A job's progress as Server-Sent Events, until it ends")
+    async def video_events(
+        self, job_id: str, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
     ) -> StreamingResponse:
+        """`event: video` with the video object whenever it changes, then `event: done` with the final one."""
+        await run_in_threadpool(self._own_job, job_id, self._owner(credentials))
+
+        async def events():
+            last = None
+            while True:
+                job = await run_in_threadpool(self.store.get, job_id)
+                if job is None:  # deleted meanwhile
+                    yield f"event: error\ndata: {json.dumps({'detail': f'job {job_id}: deleted'})}\n\n"
+                    return
+                body = json.dumps(self._video(job))
+                if job.finished:
+                    yield f"event: done\ndata: {body}\n\n"
+                    return
+                if body != last:
+                    yield f"event: video\ndata: {body}\n\n"
+                    last = body
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(_EVENTS_POLL_S)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/videos/{job_id}/content", summary="The video (mp4) of a succeeded job, or its thumbnail")
+    def get_content(
+        self,
+        job_id: str,
+        credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+        variant: str = Query(default="video", description="video (mp4) | thumbnail (jpeg of the first frame)"),
+        range_header: str | None = Header(default=None, alias="Range"),
+    ) -> Response:
+        """Serves HTTP Range requests (206 Partial Content), so a player can seek without the whole file."""
         job = self._own_job(job_id, self._owner(credentials))
+        if variant not in _VARIANTS:
+            raise HTTPException(422, f"variant: {variant!r} is not made here; one of {sorted(_VARIANTS)}")
         if job.state != JobState.SUCCEEDED:
             raise HTTPException(409, f"job {job_id}: {job.state} ({job.percent:.0f}%), no video to download")
-        key = job_file(job_id, VIDEO_NAME)
+        name, media_type = _VARIANTS[variant]
+        key = job_file(job_id, name)
         size = self.storage.size(key)
         if size is None:
-            raise HTTPException(410, f"job {job_id}: its video is gone from the storage")
-        headers = {"Content-Length": str(size), "Content-Disposition": f'inline; filename="{job_id}.mp4"'}
-        return StreamingResponse(self.storage.chunks(key), media_type="video/mp4", headers=headers)
+            raise HTTPException(410, f"job {job_id}: its {variant} is gone from the storage")
+        filename = f"{job_id}{Path(name).suffix}"
+        return file_response(self.storage, key, size, media_type, filename, range_header)
 
-    @app.delete("/v1/videos/{job_id}", response_model=VideoJob, summary="Cancel a job (between two steps)")
-    def cancel_video(
+    @app.delete("/v1/videos/{job_id}", summary="Delete a finished job and its files; cancel an unfinished one")
+    def delete_video(
         self, job_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
     ) -> JSONResponse:
+        """A finished job (completed, failed, cancelled) is deleted with its files: 200 and OpenAI's deletion object.
+        A queued job is cancelled at once (200), a running one between two steps (202): the video object, whose
+        `deleted` is false; delete it again once it has ended."""
         job = self._own_job(job_id, self._owner(credentials))
-        if job.state in (JobState.SUCCEEDED, JobState.FAILED):
-            raise HTTPException(409, f"job {job_id}: already {job.state}, nothing to cancel")
+        if job.finished:
+            if not self.store.delete(job_id):
+                raise HTTPException(404, f"job {job_id}: no such job")
+            self.storage.delete(job_folder(job_id))
+            return JSONResponse(VideoDeleted(id=job_id, deleted=True).model_dump(mode="json"))
         job = self.store.cancel(job_id)
-        if job.state not in (JobState.CANCELLED, JobState.RUNNING):  # it finished in the meantime
-            raise HTTPException(409, f"job {job_id}: already {job.state}, nothing to cancel")
-        # 202 while a running job still has to reach its next step; 200 once it is cancelled.
         status = 200 if job.state == JobState.CANCELLED else 202
-        return JSONResponse(VideoJob.of(job).model_dump(mode="json"), status_code=status)
+        return JSONResponse({**self._video(job), "deleted": False}, status_code=status)
+
+    # ------------------------------------------------------------------------------------------------- files
+
+    @app.post("/v1/files", response_model=FileObject, summary="Upload a file (a person's speech, an image)")
+    async def upload_file(
+        self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+    ) -> FileObject:
+        """multipart/form-data: `file` and `purpose` (as OpenAI's Files API; any of its purposes, e.g. user_data).
+        Reference it in a video request as `audio_file_id` or `input_reference[file_id]`."""
+        owner = self._owner(credentials)
+        largest = max(self.limits.max_audio_bytes, self.limits.max_image_bytes)
+        names = "the larger of limits.max_audio_bytes and limits.max_image_bytes"
+        form = await _multipart(request, largest + _FORM_OVERHEAD_BYTES, names, max_files=1)
+        return await run_in_threadpool(self._store_file, owner, form, largest)
+
+    def _store_file(self, owner: str, form: Any, largest: int) -> FileObject:
+        purpose = form.get("purpose")
+        if not isinstance(purpose, str) or not purpose:
+            raise RequestRejected(422, "purpose: missing; give the file's purpose (e.g. user_data)")
+        if form.get("file") is None:
+            raise RequestRejected(422, "file: missing; upload the file as the field 'file'")
+        file_id = f"file-{uuid.uuid4().hex}"
+        with tempfile.TemporaryDirectory(prefix="multitalk-file-") as work:
+            upload, _ = save_upload(form["file"], "file", Path(work) / "file")
+            if upload.size > largest:
+                raise RequestRejected(413, f"file: {upload.size} bytes, over the limit of {largest} bytes")
+            if upload.size == 0:
+                raise RequestRejected(422, f"file ({upload.filename!r}): empty file")
+            self.storage.upload(upload.path, uploaded_file(file_id))
+        return FileObject.of(self.store.add_file(file_id, owner, upload.filename[:255], purpose[:32], upload.size))
+
+    def _own_file(self, file_id: str, owner: str):
+        record = self.store.get_file(file_id)
+        if record is None or record.owner != owner:
+            raise HTTPException(404, f"file {file_id}: no such file")
+        return record
+
+    @app.get("/v1/files", response_model=FileList, summary="The caller's uploaded files, newest first")
+    def list_files(self, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> FileList:
+        return FileList(data=[FileObject.of(record) for record in self.store.list_files(self._owner(credentials))])
+
+    @app.get("/v1/files/{file_id}", response_model=FileObject, summary="An uploaded file's description")
+    def get_file(self, file_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)):
+        return FileObject.of(self._own_file(file_id, self._owner(credentials)))
+
+    @app.delete("/v1/files/{file_id}", response_model=FileDeleted, summary="Delete an uploaded file")
+    def delete_file(self, file_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)):
+        record = self._own_file(file_id, self._owner(credentials))
+        self.store.delete_file(record.id)
+        self.storage.delete(uploaded_file(record.id))
+        return FileDeleted(id=record.id, deleted=True)
 
     @app.post("/v1/regions", response_model=Regions, summary="The person regions of an image")
     async def regions(
@@ -377,7 +427,7 @@ class VideosAPI:
         if form.get("image") is None:
             raise RequestRejected(422, "image: missing; upload the image as the field 'image'")
         with tempfile.TemporaryDirectory(prefix="multitalk-regions-") as work:
-            image, _ = _save(form["image"], "image", Path(work) / "image")
+            image, _ = save_upload(form["image"], "image", Path(work) / "image")
             check_sizes(image, [], self.limits)
             try:
                 pixels = load_image(image.path)

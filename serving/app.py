@@ -37,6 +37,7 @@ def build_app(config: ServingConfig) -> Application:
             "target_ongoing_requests": scaling.target_jobs_per_replica,
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s,
         },
         ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
         graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s,

@@ -60,6 +60,9 @@ class GeneratorScaling(BaseModel):
     downscale_delay_s: float = Field(
         default=300.0, ge=0, description="How long replicas must stay idle before scaling down."
     )
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, description="Window over which the autoscaler averages the jobs per replica."
+    )
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (with devices_per_replica = 1).")
     graceful_shutdown_timeout_s: float = Field(
@@ -126,6 +129,15 @@ class ServingConfig(BaseModel):
     face_detector: Literal["auto", "mtcnn", "haar"] = Field(
         default="auto", description="Detector that finds persons in images without boxes."
     )
+    model_name: str | None = Field(
+        default=None, description="The model name the Videos API answers to (`model`); None = model_dir's name."
+    )
+    tts_model_dir: Path | None = Field(
+        default=None, description="Kokoro TTS model directory that speaks text persons; None = espeak-ng (offline)."
+    )
+    tts_voice: str | None = Field(
+        default=None, description="Default voice of text persons: a Kokoro voice (af_heart) or an espeak-ng one (en)."
+    )
     database_url: str = Field(
         default="sqlite:///multitalk-serving/jobs.db", description="SQLAlchemy URL of the job database."
     )
@@ -147,6 +159,11 @@ class ServingConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits, description="Request limits.")
     generator: GeneratorScaling = Field(default_factory=GeneratorScaling, description="Generator replicas.")
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults, description="Job defaults.")
+    step_hook: str | None = Field(
+        default=None,
+        description="'module:function' a generator replica calls with (job id, progress) after every sampling step; "
+        "tests hold jobs at a known step with it. None in service.",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -176,8 +193,14 @@ class ServingConfig(BaseModel):
                 "model_dir": base / self.model_dir,
                 "database_url": url.render_as_string(hide_password=False),
                 "storage_uri": storage,
+                "tts_model_dir": None if self.tts_model_dir is None else base / self.tts_model_dir,
             }
         )
+
+    @property
+    def served_model(self) -> str:
+        """The name clients give as `model`."""
+        return self.model_name or self.model_dir.name
 
     def all_api_keys(self) -> list[str]:
         """The configured keys and those in $MULTITALK_API_KEYS, read now (where the replica runs)."""

@@ -9,6 +9,7 @@ goes back to the storage before the job is marked succeeded, so a succeeded job 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import tempfile
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from PIL import Image
 from ray import serve
 
 from multitalk_model.faces import build_face_detector
@@ -28,10 +30,11 @@ from multitalk_model.generation import (
     Progress,
 )
 from multitalk_model.jobs import GenerationJob
+from multitalk_model.media import read_video_frames
 
 from .config import ServingConfig
 from .device_group import DeviceGroup
-from .storage import VIDEO_NAME, Storage, job_file
+from .storage import THUMBNAIL_NAME, VIDEO_NAME, Storage, job_file
 from .store import JobState, JobStore, StepProgress
 
 logger = logging.getLogger(__name__)
@@ -80,8 +83,17 @@ def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Pa
     return job.model_copy(update={"image": str(work_dir / job.image), "persons": persons})
 
 
-def _summary(result: GenerationResult, started: datetime, ended: datetime) -> dict[str, Any]:
+def _write_thumbnail(video: Path, out: Path) -> tuple[int, int]:
+    """The video's first frame as a JPEG (download_content's thumbnail variant); returns the video's (width, height)."""
+    first = read_video_frames(video, num_frames=1)[0]
+    Image.fromarray(first).save(out, quality=90)
+    return first.shape[1], first.shape[0]
+
+
+def _summary(result: GenerationResult, size: tuple[int, int], started: datetime, ended: datetime) -> dict[str, Any]:
     return {
+        "width": size[0],
+        "height": size[1],
         "num_frames": result.num_frames,
         "duration_s": result.duration_s,
         "clips": result.clips,
@@ -93,6 +105,11 @@ def _summary(result: GenerationResult, started: datetime, ended: datetime) -> di
     }
 
 
+def _import_hook(path: str) -> Callable[[str, Progress], None]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @serve.deployment(max_ongoing_requests=1)
 class Generator:
     """One replica: a runner and the job store and storage it reads from and reports to."""
@@ -101,6 +118,7 @@ class Generator:
         self.store = JobStore(config.database_url)
         self.storage = Storage(config.storage_uri)
         self.runner = build_runner(config)
+        self.step_hook = _import_hook(config.step_hook) if config.step_hook else None
 
     def __del__(self) -> None:
         # Serve calls this when the replica stops: a device group's rank actors and placement group go with it.
@@ -122,6 +140,8 @@ class Generator:
             nonlocal go_on
             step = StepProgress(progress.clip, progress.clips, progress.step, progress.steps, progress.percent)
             go_on = self.store.report(job_id, attempt, step)
+            if self.step_hook is not None:
+                self.step_hook(job_id, progress)
 
         state, error, summary = JobState.SUCCEEDED, None, None
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-") as work:
@@ -131,8 +151,10 @@ class Generator:
                 started = datetime.now(UTC)
                 result = self.runner.generate(job, work_dir / VIDEO_NAME, progress=report, cancelled=lambda: not go_on)
                 ended = datetime.now(UTC)
+                size = _write_thumbnail(result.path, work_dir / THUMBNAIL_NAME)
+                self.storage.upload(work_dir / THUMBNAIL_NAME, job_file(job_id, THUMBNAIL_NAME))
                 self.storage.upload(result.path, job_file(job_id, VIDEO_NAME))
-                summary = _summary(result, started, ended)
+                summary = _summary(result, size, started, ended)
             except GenerationCancelled:
                 state = JobState.CANCELLED
             except (GenerationError, FileNotFoundError) as failure:

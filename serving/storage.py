@@ -17,11 +17,22 @@ import pyarrow.fs as pafs
 
 _CHUNK_BYTES = 1 << 20
 VIDEO_NAME = "video.mp4"  # a job's result, beside its inputs/
+THUMBNAIL_NAME = "thumbnail.jpg"  # the result's first frame
+
+
+def job_folder(job_id: str) -> str:
+    """The storage key of the folder of a job's files."""
+    return f"jobs/{job_id}"
 
 
 def job_file(job_id: str, name: str) -> str:
     """The storage key of one of a job's files."""
-    return f"jobs/{job_id}/{name}"
+    return f"{job_folder(job_id)}/{name}"
+
+
+def uploaded_file(file_id: str) -> str:
+    """The storage key of a file uploaded through /v1/files."""
+    return f"files/{file_id}"
 
 
 class Storage:
@@ -62,8 +73,19 @@ class Storage:
         info = self.fs.get_file_info(self._path(key))
         return info.size if info.type == pafs.FileType.File else None
 
-    def chunks(self, key: str) -> Iterator[bytes]:
-        """The bytes of key, a chunk at a time (for streaming it over HTTP)."""
-        with self.fs.open_input_stream(self._path(key)) as source:
-            while chunk := source.read(_CHUNK_BYTES):
+    def chunks(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """`length` bytes of key from `start` (all to the end by default), a chunk at a time (for HTTP)."""
+        with self.fs.open_input_file(self._path(key)) as source:
+            source.seek(start)
+            left = source.size() - start if length is None else length
+            while left > 0 and (chunk := source.read(min(_CHUNK_BYTES, left))):
+                left -= len(chunk)
                 yield chunk
+
+    def delete(self, key: str) -> None:
+        """Removes a file, or a folder of files (a job's), when it exists."""
+        info = self.fs.get_file_info(self._path(key))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self._path(key))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self._path(key))

@@ -29,6 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -94,6 +95,20 @@ class Job(_Base):
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+
+class StoredFile(_Base):
+    """A file uploaded through /v1/files (its bytes live in the storage under files/<id>)."""
+
+    __tablename__ = "files"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 def _now() -> datetime:
@@ -197,13 +212,40 @@ class JobStore:
         with self._session() as session:
             return session.scalar(select(Job).where(Job.id == job_id))
 
-    def list_jobs(self, owner: str, limit: int, before_seq: int | None = None) -> list[Job]:
-        """The owner's jobs, newest first, `limit` of them from before the cursor."""
-        query = select(Job).where(Job.owner == owner).order_by(Job.seq.desc()).limit(limit)
-        if before_seq is not None:
-            query = query.where(Job.seq < before_seq)
+    def list_jobs(self, owner: str, limit: int, after: Job | None = None, newest_first: bool = True) -> list[Job]:
+        """The owner's jobs in submission order (newest first by default), `limit` of them after the job `after`."""
+        order = Job.seq.desc() if newest_first else Job.seq.asc()
+        query = select(Job).where(Job.owner == owner).order_by(order).limit(limit)
+        if after is not None:
+            query = query.where(Job.seq < after.seq if newest_first else Job.seq > after.seq)
         with self._session() as session:
             return list(session.scalars(query))
+
+    def delete(self, job_id: str) -> bool:
+        """Removes a finished job; False when it is not finished (or gone)."""
+        with self._session.begin() as session:
+            return bool(session.execute(sql_delete(Job).where(Job.id == job_id, Job.state.in_(FINISHED))).rowcount)
+
+    # -------------------------------------------------------------------------------------------------- files
+
+    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int) -> StoredFile:
+        record = StoredFile(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, created_at=_now())
+        with self._session.begin() as session:
+            session.add(record)
+        return record
+
+    def get_file(self, file_id: str) -> StoredFile | None:
+        with self._session() as session:
+            return session.scalar(select(StoredFile).where(StoredFile.id == file_id))
+
+    def list_files(self, owner: str) -> list[StoredFile]:
+        with self._session() as session:
+            query = select(StoredFile).where(StoredFile.owner == owner).order_by(StoredFile.seq.desc())
+            return list(session.scalars(query))
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._session.begin() as session:
+            return bool(session.execute(sql_delete(StoredFile).where(StoredFile.id == file_id)).rowcount)
 
     def cancel(self, job_id: str) -> Job | None:
         """A queued job is cancelled now; a running one is asked to stop at its next step; a finished one stays."""

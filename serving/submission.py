@@ -20,12 +20,12 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
-from multitalk_model.audio import VIDEO_FPS, AudioError, load_audio_track
 from multitalk_model.jobs import GenerationJob, JobError, from_official_json
 from multitalk_model.media import MediaError
 from multitalk_model.regions import validate_box
 
 from .config import Limits, ServingConfig
+from .inspection import UploadProblem, check_image_pixels, speech_seconds
 
 _OFFICIAL_MARKERS = {"cond_image", "cond_audio"}
 _EXIF_ORIENTATION = 0x0112
@@ -57,10 +57,15 @@ class Upload:
         suffix = Path(self.filename).suffix
         return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
 
+    @property
+    def label(self) -> str:
+        """How messages name it: the field and the client's file name."""
+        return f"{self.field} ({self.filename!r})"
+
     def describe(self, error: Exception) -> str:
         """An error about the local copy, told with the client's file name."""
         message = str(error).replace(f"{self.path}: ", "").replace(str(self.path), self.filename)
-        return f"{self.field} ({self.filename!r}): {message}"
+        return f"{self.label}: {message}"
 
 
 def _megabytes(size: int) -> str:
@@ -186,8 +191,8 @@ def build_job(options: dict[str, Any], image: Upload, audio: list[Upload], confi
 
 
 def _check_limits(job: GenerationJob, limits: Limits) -> None:
-    for field in ("prompt", "negative_prompt"):
-        length = len(getattr(job, field))
+    for field, text in [*(("prompt", text) for text in job.prompt_texts), ("negative_prompt", job.negative_prompt)]:
+        length = len(text)
         if length > limits.max_prompt_chars:
             raise RequestRejected(
                 422,
@@ -216,7 +221,7 @@ def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits:
         with Image.open(image.path) as opened:
             opened.verify()  # the file's structure and checksums, without decoding every pixel
         with Image.open(image.path) as opened:  # a verified image cannot be read further: open it again
-            width, height = opened.size
+            width, height = stored_size = opened.size
             # PIL decodes a whole PNG to look for EXIF after its pixels (tens of ms for a photo): only when the file
             # holds an eXIf chunk at all. Boxes are in pixels of the upright image.
             has_exif = opened.format != "PNG" or b"eXIf" in image.path.read_bytes()
@@ -229,6 +234,10 @@ def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits:
             422,
             f"image: {width}x{height} pixels, over the limit of {limits.max_image_pixels} (limits.max_image_pixels)",
         )
+    try:  # after the pixel limit: a header may declare a size its data does not hold
+        check_image_pixels(image.path, image.label, *stored_size)
+    except UploadProblem as problem:
+        raise RequestRejected(422, str(problem)) from None
 
     for index, person in enumerate(job.persons):
         if person.box is not None:
@@ -237,21 +246,14 @@ def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits:
             except ValueError as error:
                 raise RequestRejected(422, str(error)) from None
 
-    seconds = []
-    for upload in audio:
-        try:
-            samples, rate = load_audio_track(upload.path)
-        except AudioError as error:
-            raise RequestRejected(422, upload.describe(error)) from None
-        seconds.append(samples.shape[1] / rate)
+    try:
+        seconds = [speech_seconds(upload.path, upload.label) for upload in audio]
+    except UploadProblem as problem:
+        raise RequestRejected(422, str(problem)) from None
     speech_s = sum(seconds) if job.audio_type == "add" else max(seconds)
     if speech_s > limits.max_audio_seconds:
         raise RequestRejected(
             422,
             f"audio: the speech lasts {speech_s:.1f} s ({job.audio_type}), over the limit of "
             f"{limits.max_audio_seconds:g} s (limits.max_audio_seconds)",
-        )
-    if speech_s * VIDEO_FPS < 1:
-        raise RequestRejected(
-            422, f"audio: the speech lasts {speech_s * 1000:.0f} ms, shorter than one video frame (40 ms)"
         )

@@ -176,7 +176,7 @@ def test_two_people_car_job_gives_a_25fps_video_with_its_audio(service, shared_m
     assert response.headers["Location"] == f"/v1/videos/{response.json()['id']}"
     job = service.wait(response.json()["id"])
     assert job["state"] == "succeeded", job["error"]
-    assert job["progress"] == {"clip": 1, "clips": 1, "step": 2, "steps": 2, "percent": 100.0}
+    assert job["progress"] == 100 and job["progress_detail"] == {"clip": 1, "clips": 1, "step": 2, "steps": 2}
     # bbox [y0, x0, y1, x1] of the official file, converted to our [x0, y0, x1, y1].
     assert job["result"]["boxes"] == [[120, 160, 1080, 1280], [1320, 160, 2280, 1280]]
 
@@ -195,7 +195,7 @@ def test_two_people_car_job_gives_a_25fps_video_with_its_audio(service, shared_m
 def test_restart_finishes_every_accepted_job(service):
     interrupted = service.submit(LONG).json()["id"]
     waiting = service.submit(SMALL).json()["id"]
-    service.wait(interrupted, until=lambda job: job["progress"]["step"] >= 1)
+    service.wait(interrupted, until=lambda job: job["progress_detail"]["step"] >= 1)
 
     service.stop()  # mid-job: the generator replica dies between two steps
     # Unfinished: still running, or already requeued by the dispatcher that saw its generator die.
@@ -210,7 +210,7 @@ def test_restart_finishes_every_accepted_job(service):
 def test_cancelling_stops_a_running_job_between_steps_and_a_queued_one_at_once(service):
     running = service.submit(LONG).json()["id"]
     queued = service.submit(SMALL).json()["id"]
-    service.wait(running, until=lambda job: job["progress"]["step"] >= 1)
+    service.wait(running, until=lambda job: job["progress_detail"]["step"] >= 1)
 
     response = service.cancel(queued)
     assert response.status_code == 200 and response.json()["state"] == "cancelled"
@@ -218,7 +218,7 @@ def test_cancelling_stops_a_running_job_between_steps_and_a_queued_one_at_once(s
     assert response.status_code == 202 and response.json()["cancel_requested"]
 
     job = service.wait(running)
-    assert job["state"] == "cancelled" and job["progress"]["step"] < LONG["steps"]
+    assert job["state"] == "cancelled" and job["progress_detail"]["step"] < LONG["steps"]
     content = service.http.get(f"/v1/videos/{running}/content", headers={"Authorization": f"Bearer {ALICE}"})
     assert content.status_code == 409 and "cancelled" in content.json()["detail"]
     assert service.job(queued)["attempts"] == 0  # never started
@@ -310,7 +310,7 @@ def _bad_requests(service: Service) -> dict[str, tuple[httpx.Response, int, str]
 
 
 def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(service, alice_job):
-    jobs_before = len(service.jobs(limit=100)["jobs"])
+    jobs_before = len(service.jobs(limit=100)["data"])
     for case, (response, status, message) in _bad_requests(service).items():
         assert response.status_code == status, f"{case}: {response.status_code} {response.text}"
         assert re.search(message, response.json()["detail"]), f"{case}: {response.json()['detail']}"
@@ -319,16 +319,16 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(se
     someone_elses = service.http.get(f"/v1/videos/{alice_job}", headers={"Authorization": f"Bearer {BOB}"})
     assert someone_elses.status_code == 403 and alice_job in someone_elses.json()["detail"]
     assert service.cancel(alice_job, key=BOB).status_code == 403
-    assert len(service.jobs(limit=100)["jobs"]) == jobs_before  # nothing was accepted
+    assert len(service.jobs(limit=100)["data"]) == jobs_before  # nothing was accepted
 
 
 def test_job_list_pages_through_the_callers_jobs_only(service):
     ids = [service.submit(SMALL, key=CAROL).json()["id"] for _ in range(2)]
     first_page = service.jobs(key=CAROL, limit=1)
-    second_page = service.jobs(key=CAROL, limit=1, cursor=first_page["next_cursor"])
-    assert [job["id"] for job in first_page["jobs"] + second_page["jobs"]] == ids[::-1]  # newest first
-    assert second_page["next_cursor"] is None
-    assert not {job["id"] for job in service.jobs(key=ALICE, limit=100)["jobs"]} & set(ids)
+    second_page = service.jobs(key=CAROL, limit=1, after=first_page["last_id"])
+    assert [job["id"] for job in first_page["data"] + second_page["data"]] == ids[::-1]  # newest first
+    assert first_page["has_more"] and not second_page["has_more"]
+    assert not {job["id"] for job in service.jobs(key=ALICE, limit=100)["data"]} & set(ids)
     for job_id in ids:
         service.wait(job_id, key=CAROL)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -143,9 +144,12 @@ def load_config(
     data: str | None = None,
     output: str | None = None,
     max_steps: int | None = None,
+    sets: Mapping[str, Any] | None = None,
 ) -> TrainingConfig:
-    """Read and validate a YAML config; the non-None arguments override data.path, output and schedule.max_steps."""
-    overrides = {"data.path": data, "output": output, "schedule.max_steps": max_steps}
+    """Read and validate a YAML config; `sets` (dotted field -> value, from --set) and the non-None arguments
+    (data.path, output, schedule.max_steps) override fields of the file."""
+    flags = {"data.path": data, "output": output, "schedule.max_steps": max_steps}
+    overrides = {**(sets or {}), **{name: value for name, value in flags.items() if value is not None}}
     config = read_config(path, TrainingConfig, overrides)
     require(path, {"output": config.output, "data.path": config.data.path, "model.model_dir": config.model.model_dir})
     config.output = absolute_location(config.output)

@@ -1,5 +1,6 @@
 """Train the MultiTalk audio branch: `python training/train.py --config CONFIG.yaml [--data DIR] [--output DIR]
-[--max-steps N]`, on an embedded local Ray or, under `ray job submit` or with RAY_ADDRESS set, on a cluster.
+[--max-steps N] [--set KEY.SUB=VALUE ...]`, on an embedded local Ray or, under `ray job submit` or with RAY_ADDRESS
+set, on a cluster.
 
 Rerunning the same command (same run name and output) resumes from the run's latest checkpoint."""
 
@@ -19,6 +20,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from platform_common.config import add_set_option, parse_sets, write_resolved_config
 from training.config import ConfigError, TrainingConfig, load_config
 from training.loop import EXPORT_FILE, train_loop_per_worker
 
@@ -60,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="folder of curated shards (overrides data.path)")
     parser.add_argument("--output", help="output folder (overrides output)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps of the run (overrides schedule.max_steps)")
+    add_set_option(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, data=args.data, output=args.output, max_steps=args.max_steps)
+        sets = parse_sets(args.sets)
+        config = load_config(args.config, data=args.data, output=args.output, max_steps=args.max_steps, sets=sets)
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
+    logger.info("resolved config: %s", write_resolved_config(config, config.output))
     result = run(config)
     if result.error is not None:
         logger.error("training failed: %s", result.error)

@@ -1,5 +1,6 @@
-// The MultiTalk web page: choose an image and one audio file per person, check the person regions, submit,
-// follow the job, play and download the video, browse past jobs. Plain DOM + fetch against the /v1 API.
+// The MultiTalk web page: choose an image and each person's speech (a file or text), check the person regions,
+// submit, follow the job's progress events, play and download the video, browse past jobs. Plain DOM + fetch
+// against the /v1 API.
 "use strict";
 
 const COLOURS = ["#e6194b", "#3cb44b", "#0082c8", "#f58230", "#911eb4", "#46f0f0"];
@@ -13,7 +14,7 @@ const state = {
   dragStart: null,
   jobId: null,
   videoUrl: null,
-  olderCursor: null,
+  olderAfter: null,
 };
 
 // ------------------------------------------------------------------------------------------------------ the API
@@ -38,7 +39,8 @@ function audioInputs() {
 function addPerson() {
   const index = audioInputs().length + 1;
   const item = document.createElement("li");
-  item.innerHTML = `<label>Person ${index} <input id="audio-${index}" type="file" accept="audio/*,video/*"></label>`;
+  item.innerHTML = `<label>Person ${index} <input id="audio-${index}" type="file" accept="audio/*,video/*"></label>
+    <label>or says <input id="speech-text-${index}" class="speech-text" type="text" placeholder="Hello!"></label>`;
   if (index > 1) {
     const remove = document.createElement("button");
     remove.type = "button";
@@ -54,6 +56,7 @@ function renumberPersons() {
   audioInputs().forEach((input, i) => {
     input.id = `audio-${i + 1}`;
     input.parentElement.firstChild.textContent = `Person ${i + 1} `;
+    input.closest("li").querySelector(".speech-text").id = `speech-text-${i + 1}`;
   });
   personsChanged();
 }
@@ -165,8 +168,20 @@ function stopDrawing(event) {
 
 // ------------------------------------------------------------------------------------------------------ submitting
 
+// The prompt, or a schedule when later prompts are given ("SECONDS: prompt" per line).
+function prompt() {
+  const later = $("#prompt-schedule").value.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (!later.length) return $("#prompt").value;
+  const entries = later.map((line) => {
+    const match = line.match(/^(\d+(?:\.\d+)?)\s*:\s*(.*)$/);
+    if (!match) throw new Error(`later prompts: "${line}" is not "SECONDS: prompt"`);
+    return { start_s: Number(match[1]), prompt: match[2] };
+  });
+  return [{ start_s: 0, prompt: $("#prompt").value }, ...entries];
+}
+
 function options() {
-  const chosen = { prompt: $("#prompt").value, audio_type: $("#audio-type").value, mode: $("#mode").value };
+  const chosen = { prompt: prompt(), audio_type: $("#audio-type").value, mode: $("#mode").value };
   if ($("#fast").checked) chosen.fast = true;
   if ($("#seed").value !== "") chosen.seed = Number($("#seed").value);
   // Send the regions the page shows, so the video binds each voice to the region seen here. One person needs none
@@ -182,17 +197,21 @@ async function submit(event) {
   event.preventDefault();
   $("#form-error").textContent = "";
   const image = $("#image").files[0];
-  const audio = audioInputs().map((input) => input.files[0]);
-  if (!image || audio.some((file) => !file)) {
-    $("#form-error").textContent = "Choose an image and one audio file for every person.";
+  const speech = audioInputs().map((input) => ({
+    file: input.files[0],
+    text: input.closest("li").querySelector(".speech-text").value.trim(),
+  }));
+  if (!image || speech.some(({ file, text }) => !file && !text)) {
+    $("#form-error").textContent = "Choose an image, and an audio file or the words of every person.";
     return;
   }
   const form = new FormData();
-  form.append("image", image);
-  audio.forEach((file) => form.append("audio", file));
-  form.append("options", JSON.stringify(options()));
+  form.append("input_reference", image);
+  // Persons are numbered in the order of their speech fields.
+  speech.forEach(({ file, text }) => (file ? form.append("audio", file) : form.append("speech_text", text)));
   $("#submit").disabled = true;
   try {
+    form.append("options", JSON.stringify(options()));
     const job = await (await api("/v1/videos", { method: "POST", body: form })).json();
     watch(job.id);
     refreshJobs();
@@ -206,12 +225,39 @@ async function submit(event) {
 // ------------------------------------------------------------------------------------------------------ one job
 
 function describe(job) {
-  const p = job.progress;
+  const p = job.progress_detail;
   if (job.state === "running" && p.steps) {
-    return `running: clip ${p.clip} of ${p.clips}, step ${p.step} of ${p.steps} (${p.percent.toFixed(0)}%)`;
+    return `running: clip ${p.clip} of ${p.clips}, step ${p.step} of ${p.steps} (${job.progress}%)`;
   }
-  if (job.state === "failed") return `failed: ${job.error}`;
+  if (job.error) return `${job.state}: ${job.error.message}`;
   return job.state;
+}
+
+function show(job) {
+  $("#status").textContent = describe(job);
+  $("#status").dataset.state = job.state;
+  $("#progress").value = job.progress;
+  $("#cancel").hidden = FINISHED.includes(job.state);
+}
+
+// The job's Server-Sent Events (/v1/videos/{id}/events), read through fetch: EventSource cannot send the API key.
+async function* events(jobId) {
+  const response = await api(`/v1/videos/${jobId}/events`);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const name = (block.match(/^event: (.*)$/m) || [])[1];
+      const data = block.split("\n").filter((line) => line.startsWith("data: ")).map((line) => line.slice(6));
+      if (data.length) yield { name, data: JSON.parse(data.join("\n")) };
+    }
+  }
 }
 
 async function watch(jobId) {
@@ -219,24 +265,19 @@ async function watch(jobId) {
   $("#job").hidden = false;
   $("#result").hidden = true;
   $("#job-id").textContent = jobId;
-  while (state.jobId === jobId) {
-    let job;
-    try {
-      job = await (await api(`/v1/videos/${jobId}`)).json();
-    } catch (error) {
-      $("#status").textContent = error.message;
-      return;
+  try {
+    for await (const { name, data } of events(jobId)) {
+      if (state.jobId !== jobId) return; // another job is shown now
+      if (name === "error") throw new Error(data.detail);
+      show(data);
+      if (name === "done") {
+        if (data.state === "succeeded") await showVideo(jobId);
+        refreshJobs();
+        return;
+      }
     }
-    $("#status").textContent = describe(job);
-    $("#status").dataset.state = job.state;
-    $("#progress").value = job.progress.percent;
-    $("#cancel").hidden = FINISHED.includes(job.state);
-    if (FINISHED.includes(job.state)) {
-      if (job.state === "succeeded") await showVideo(jobId);
-      refreshJobs();
-      return;
-    }
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+  } catch (error) {
+    $("#status").textContent = error.message;
   }
 }
 
@@ -262,9 +303,9 @@ async function cancel() {
 
 // ------------------------------------------------------------------------------------------------------ past jobs
 
-async function refreshJobs(cursor = null) {
+async function refreshJobs(after = null) {
   if (!$("#api-key").value.trim()) return;
-  const query = cursor ? `?limit=10&cursor=${cursor}` : "?limit=10";
+  const query = after ? `?limit=10&after=${after}` : "?limit=10";
   let page;
   try {
     page = await (await api(`/v1/videos${query}`)).json();
@@ -273,11 +314,11 @@ async function refreshJobs(cursor = null) {
     $("#jobs td").textContent = error.message;
     return;
   }
-  if (!cursor) $("#jobs").innerHTML = "";
-  for (const job of page.jobs) {
+  if (!after) $("#jobs").innerHTML = "";
+  for (const job of page.data) {
     const row = document.createElement("tr");
     row.dataset.jobId = job.id;
-    const submitted = new Date(job.created_at).toLocaleString();
+    const submitted = new Date(job.created_at * 1000).toLocaleString();
     const cells = [submitted, job.prompt || "(no prompt)", String(job.persons), describe(job)];
     cells.forEach((text, i) => {
       const cell = row.insertCell();
@@ -291,8 +332,8 @@ async function refreshJobs(cursor = null) {
     row.insertCell().append(open);
     $("#jobs").append(row);
   }
-  state.olderCursor = page.next_cursor;
-  $("#older").hidden = !page.next_cursor;
+  state.olderAfter = page.has_more ? page.last_id : null;
+  $("#older").hidden = !page.has_more;
 }
 
 // ------------------------------------------------------------------------------------------------------ wiring
@@ -311,6 +352,6 @@ window.addEventListener("mouseup", stopDrawing);
 $("#job-form").addEventListener("submit", submit);
 $("#cancel").addEventListener("click", cancel);
 $("#refresh").addEventListener("click", () => refreshJobs());
-$("#older").addEventListener("click", () => refreshJobs(state.olderCursor));
+$("#older").addEventListener("click", () => refreshJobs(state.olderAfter));
 addPerson();
 refreshJobs();
