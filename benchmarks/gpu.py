@@ -71,6 +71,18 @@ PEAK_BF16_TFLOPS = (
     ("RTX 4090", 165.2),
 )
 TARGETS = {"two_person_mfu": 0.65, "two_person_vs_plain": 1.2, "training_mfu": 0.40}
+# diffusers attention backends to try on a GPU, most likely first: PyTorch's SDPA as it picks (native), its cuDNN,
+# flash and memory-efficient kernels, then kernels from their own packages, if installed.
+GPU_ATTENTION_BACKENDS = (
+    "native",
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    "flash",
+    "_flash_3",
+    "sage",
+    "xformers",
+)
 
 # Wan2.1's VAE (vae/config.json of Wan-AI/Wan2.1-I2V-14B-480P-Diffusers).
 WAN21_VAE = {
@@ -270,8 +282,7 @@ def gpu_sizes() -> Sizes:
         warmups=1,
         repeats=2,
         compile_backend="inductor",
-        attention_backends=("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3")
-        + ("sage", "xformers"),
+        attention_backends=GPU_ATTENTION_BACKENDS,
         slice_layers=4,
         slice_frames=81,
         slice_size=(640, 640),
