@@ -16,12 +16,11 @@ import statistics
 import time
 
 import torch
-from diffusers import WanTransformer3DModel
 
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import MultiTalkConfig
+from multitalk_model.fixtures.random_model import plain_wan_twin
 from multitalk_model.localization import region_scores, token_region_masks
-from multitalk_model.transformer import model_kwargs
 
 CONFIG = MultiTalkConfig(
     num_layers=2,
@@ -119,12 +118,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     multitalk = build_model(CONFIG, "cpu").eval()
-    base_kwargs = {
-        k: v for k, v in model_kwargs(CONFIG).items() if not k.startswith(("audio_", "vae_", "norm_", "text_len"))
-    }
-    plain = WanTransformer3DModel(**base_kwargs).eval()
-    missing, unexpected = plain.load_state_dict(multitalk.state_dict(), strict=False)
-    assert not missing, missing  # same base weights; `unexpected` is the audio branch
+    plain = plain_wan_twin(multitalk)  # the same base weights
 
     print(f"config: dim {CONFIG.dim}, {CONFIG.num_attention_heads} heads, {CONFIG.num_layers} layers, latent {LATENT}")
     print(f"threads: {torch.get_num_threads()}, repeats: {args.repeats} (median)")
