@@ -21,7 +21,6 @@ from diffusers import WanTransformer3DModel
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import MultiTalkConfig
 from multitalk_model.localization import region_scores, token_region_masks
-from multitalk_model.transformer import model_kwargs
 
 CONFIG = MultiTalkConfig(
     num_layers=2,
@@ -119,10 +118,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     multitalk = build_model(CONFIG, "cpu").eval()
-    base_kwargs = {
-        k: v for k, v in model_kwargs(CONFIG).items() if not k.startswith(("audio_", "vae_", "norm_", "text_len"))
-    }
-    plain = WanTransformer3DModel(**base_kwargs).eval()
+    plain = WanTransformer3DModel(**CONFIG.wan_kwargs()).eval()
     missing, unexpected = plain.load_state_dict(multitalk.state_dict(), strict=False)
     assert not missing, missing  # same base weights; `unexpected` is the audio branch
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config import check_clip_frames
 from .regions import official_bbox_to_box
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,6 @@ class PersonInput(BaseModel):
         if box is not None and not (box[2] > box[0] and box[3] > box[1]):
             raise ValueError(f"box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(box)}")
         return box
-
-
-def _check_4n_plus_1(name: str, value: int) -> int:
-    # The VAE compresses 4 frames into one latent frame after the first, so clip lengths are 4n + 1.
-    if value % 4 != 1:
-        raise ValueError(f"{name} must be 4n+1, got {value}")
-    return value
 
 
 class GenerationJob(BaseModel):
@@ -112,12 +106,12 @@ class GenerationJob(BaseModel):
     @field_validator("frame_num")
     @classmethod
     def _frame_num_is_4n_plus_1(cls, value: int) -> int:
-        return _check_4n_plus_1("frame_num", value)
+        return check_clip_frames(value)
 
     @field_validator("motion_frames")
     @classmethod
     def _motion_frames_is_4n_plus_1(cls, value: int) -> int:
-        return _check_4n_plus_1("motion_frames", value)
+        return check_clip_frames(value, minimum=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationJob":

@@ -32,7 +32,8 @@ from pipelines.schema import (
     parse_shard_name,
     shard_name,
 )
-from pipelines.storage import resolve, write_atomically
+from pipelines.storage import resolve
+from platform_common.storage import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -12,17 +12,15 @@ from safetensors.torch import save_file
 
 from multitalk_model.checkpoints import _original_name, build_model, export_audio_weights
 from multitalk_model.components import (
-    AUDIO_FIELDS,
     encode_image,
     encode_prompt,
     load_components,
     vae_decode,
     vae_encode,
 )
-from multitalk_model.config import get_preset
+from multitalk_model.config import AUDIO_FIELDS, get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_model import main as build_tiny_main
-from multitalk_model.transformer import model_kwargs
 from multitalk_model.wav2vec import audio_windows
 
 TINY = get_preset("tiny")
@@ -148,8 +146,7 @@ def test_vae_encode_normalises_like_diffusers_and_vae_decode_inverts_it(componen
 
 def write_diffusers_wan(model, transformer_dir: Path) -> None:
     """Form (2): diffusers' plain Wan transformer holding the base weights."""
-    base_kwargs = {k: v for k, v in model_kwargs(TINY).items() if k not in AUDIO_FIELDS and k != "text_len"}
-    wan = WanTransformer3DModel(**base_kwargs)
+    wan = WanTransformer3DModel(**TINY.wan_kwargs())
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if k in wan.state_dict()}, strict=True)
     wan.save_pretrained(transformer_dir)
 

@@ -8,7 +8,6 @@ trains two-person clips with each voice on its region. The shards come from pipe
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -31,12 +30,12 @@ from safetensors.torch import load_file
 
 from multitalk_model.audio import load_audio_track
 from multitalk_model.checkpoints import build_model, load_weights
+from multitalk_model.components import transformer_weights
 from multitalk_model.config import get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.generation import _condition_mask
 from multitalk_model.media import read_video_frames, write_video
-from multitalk_model.transformer import model_kwargs
 from pipelines.config import load_config as load_curation_config
 from pipelines.curate import run as curate
 from training.checkpointing import TAG, trainable_state_dict
@@ -45,7 +44,7 @@ from training.data import AI2V, I2V, ClipBatch, ClipStream, CursorTracker, inter
 from training.encoders import FrozenEncoders
 from training.export import export_checkpoint
 from training.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
-from training.model import build_training_model, check_trainable, transformer_weights
+from training.model import build_training_model, check_trainable
 from training.objective import drop_conditions, first_frame_mask, model_inputs, velocity_loss
 
 pytestmark = pytest.mark.slow
@@ -176,8 +175,7 @@ def stage1(local_ray, corpus, tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_step_zero_reproduces_the_base_image_to_video_model(tiny_model_dir):
     model = build_training_model(ModelConfig(preset="tiny", model_dir=str(tiny_model_dir), precision="fp32"), "cpu", 0)
-    names = inspect.signature(WanTransformer3DModel.__init__).parameters
-    base = WanTransformer3DModel(**{k: v for k, v in model_kwargs(TINY).items() if k in names})
+    base = WanTransformer3DModel(**TINY.wan_kwargs())
     missing, unexpected = base.load_state_dict(model.state_dict(), strict=False)
     assert not missing and set(unexpected) <= set(model.audio_parameter_names())
     gen = torch.Generator().manual_seed(0)
@@ -462,7 +460,6 @@ def test_exported_audio_weights_load_through_the_original_format_converter_with_
     trained.load_state_dict(trainable_state_dict(checkpoint), strict=False, assign=True)
     reloaded = build_model(TINY, "meta")
     load_weights(reloaded, [transformer_weights(tiny_model_dir), (exported, "original")])
-    reloaded.rope, trained.rope = build_model(TINY, "cpu").rope, build_model(TINY, "cpu").rope
     gen = torch.Generator().manual_seed(1)
     inputs = {
         "hidden_states": torch.randn(1, TINY.in_channels, 3, 6, 6, generator=gen),
@@ -514,7 +511,7 @@ def test_stage2_trains_two_person_clips_with_each_voice_on_its_person_region(sta
     audio_weights = str(stage1 / "multitalk.safetensors")
     config = ModelConfig(preset="tiny", model_dir=str(tiny_model_dir), audio_weights=audio_weights, precision="fp32")
     model = build_training_model(config, "cpu", seed=0)
-    encoders = FrozenEncoders.load(tiny_model_dir, model, TINY, "cpu", torch.float32)
+    encoders = FrozenEncoders.load(tiny_model_dir, TINY, "cpu", torch.float32)
     data = DataConfig(path=str(corpus), ai2v_kinds=["dual"], i2v_ratio=0, num_frames=9, max_area=2304, num_workers=0)
     batch = next(iter(ClipStream(data, TINY, micro_batch_size=2, seed=0, rank=0, world_size=1)))
     objective = ObjectiveConfig(text_dropout=0, audio_dropout=0)

@@ -97,7 +97,7 @@ class Worker:
         if config.model.activation_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
-        self.encoders = FrozenEncoders.load(config.model.model_dir, model, self.architecture, self.device, self.dtype)
+        self.encoders = FrozenEncoders.load(config.model.model_dir, self.architecture, self.device, self.dtype)
         params = [param for param in model.parameters() if param.requires_grad]
         # A torch optimizer: DeepSpeed's own would compile kernels first (and gives nothing here that this lacks).
         optimizer = torch.optim.AdamW(
