@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from multitalk_model.config import PRESETS, check_clip_frames
 from pipelines.schema import Kind
+from platform_common.config import ConfigError as ConfigError  # what load_config raises, for its callers
 from platform_common.config import (
     ConfigSection,
     absolute_location,
