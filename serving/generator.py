@@ -28,6 +28,7 @@ from multitalk_model.generation import (
     Progress,
 )
 from multitalk_model.jobs import GenerationJob
+from platform_common.pause import pause_point
 
 from .config import ServingConfig
 from .device_group import DeviceGroup
@@ -122,6 +123,7 @@ class Generator:
             nonlocal go_on
             step = StepProgress(progress.clip, progress.clips, progress.step, progress.steps, progress.percent)
             go_on = self.store.report(job_id, attempt, step)
+            pause_point("generator-step")
 
         state, error, summary = JobState.SUCCEEDED, None, None
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-") as work:

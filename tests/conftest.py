@@ -1,15 +1,22 @@
-"""Shared fixtures: the real media and golden files that CI lays beside the checkout in ../shared."""
+"""Shared fixtures: the real media and golden files that CI lays beside the checkout in ../shared, a local Ray and
+pause gates (helpers in tests/helpers.py)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from platform_common.pause import PAUSE_DIR_ENV
+from tests import helpers
 
 # Tests never reach a model hub and run against a local Ray with auth off.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Pause points (platform_common.pause) read their holds here; set before any Ray starts so its workers inherit it.
+os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="multitalk-pause-")
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
@@ -25,3 +32,15 @@ def _shared_subdir(name: str) -> Path:
 def shared_media() -> Path:
     """../shared/media: real talking videos, speech and two-person images."""
     return _shared_subdir("media")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the test module (2 CPUs); yields its GCS address."""
+    with helpers.local_ray(num_cpus=2) as address:
+        yield address
+
+
+@pytest.fixture
+def pause_gate() -> helpers.PauseGate:
+    return helpers.PauseGate()
