@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from platform_common.pause import PAUSE_DIR_ENV
 from tests import helpers
 
@@ -44,3 +45,9 @@ def local_ray():
 @pytest.fixture
 def pause_gate() -> helpers.PauseGate:
     return helpers.PauseGate()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model directory (multitalk_model.fixtures.tiny_model) with its default seed."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
