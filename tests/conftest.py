@@ -1,7 +1,9 @@
 """Shared fixtures: the real media and golden files that CI lays beside the checkout in ../shared, a local Ray and
 pause gates (helpers in tests/helpers.py)."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Pause points (platform_common.pause) read their holds here; set before any Ray starts so its workers inherit it.
 os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="multitalk-pause-")
+atexit.register(shutil.rmtree, os.environ[PAUSE_DIR_ENV], ignore_errors=True)
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 

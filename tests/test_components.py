@@ -22,6 +22,7 @@ from multitalk_model.config import AUDIO_FIELDS, get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_model import main as build_tiny_main
 from multitalk_model.wav2vec import audio_windows
+from tests.helpers import transformer_inputs
 
 TINY = get_preset("tiny")
 TINY_AUDIO_CONFIG = {field: getattr(TINY, field) for field in AUDIO_FIELDS}
@@ -57,17 +58,6 @@ def linked_model_dir(tiny_dir: Path, root: Path, leave_out: set[str]) -> Path:
         if entry.name not in leave_out:
             (root / entry.name).symlink_to(entry)
     return root
-
-
-def transformer_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(1, TINY.in_channels, 2, 4, 4, generator=gen),
-        "timestep": torch.tensor([700.0]),
-        "encoder_hidden_states": torch.randn(1, 9, TINY.text_dim, generator=gen),
-        "encoder_hidden_states_image": torch.randn(1, 257, TINY.image_dim, generator=gen),
-        "audio": torch.randn(1, 1, 5, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen),
-    }
 
 
 def test_build_tiny_writes_identical_files_for_a_seed(tiny_dir, tmp_path):
@@ -188,7 +178,7 @@ def test_base_wan_plus_official_audio_weights_loads_the_same_multitalk_model(
 
     loaded = load_components(model_dir)
     assert loaded.config == TINY
-    inputs = transformer_inputs()
+    inputs = transformer_inputs((2, 4, 4))
     with torch.no_grad():
         torch.testing.assert_close(loaded.transformer(**inputs).sample, model(**inputs).sample)
 

@@ -228,8 +228,8 @@ def test_serial_run_in_one_process_curates_the_same_clips_as_ray(corpus, tmp_pat
             for key, value in parallel_row.items()
         }
     assert sorted(map(reject_key, _rejects(tmp_path / "out"))) == sorted(map(reject_key, _rejects(corpus)))
-    assert {"probe", "shots", "faces", "wav2vec", "write"} <= set(seconds_by_step)
-    assert all(seconds > 0 for seconds in seconds_by_step.values())
+    # Every step of the graph was timed, and nothing else.
+    assert set(seconds_by_step) == {step.name for step in curation_steps(config, frozenset())}
 
 
 def test_rerun_over_a_finished_output_cuts_no_window_again(corpus, tmp_path):
@@ -401,6 +401,10 @@ def test_asr_words_carry_clip_times_and_the_person_speaking_then(tmp_path, wav2v
     assert clip.words and not clip.rejected  # a random model transcribes garbage, but with word timings
     for word in clip.words:
         assert 0 <= word["start_s"] <= word["end_s"] <= 3.24
-        middle_frame = min(int((word["start_s"] + word["end_s"]) / 2 * 25), 80)
-        assert word["person"] == (0 if middle_frame < 40 else 1)
+        if word["end_s"] <= 1.6:  # wholly in person 0's turn
+            assert word["person"] == 0, word
+        elif word["start_s"] >= 1.6:
+            assert word["person"] == 1, word
+        else:  # across the turn: either person
+            assert word["person"] in (0, 1), word
     assert [Word(**word).model_dump() for word in clip.words] == clip.words  # valid sample metadata

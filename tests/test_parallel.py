@@ -24,6 +24,7 @@ from serving.parallel import (
     remove_guidance_parallel,
     remove_sequence_parallel,
 )
+from tests.helpers import transformer_inputs
 
 TINY = get_preset("tiny")
 RANKS = 2
@@ -40,25 +41,10 @@ SEQUENCE_CASES = {
 
 
 def make_inputs(latent: tuple[int, int, int], persons: int, streams: list[int]) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(persons + latent[2])
-    t, h, w = latent
-    batch, frames = len(streams), TINY.vae_scale * (t - 1) + 1
-    masks = torch.zeros(batch, persons + 1, h, w)
-    columns = torch.arange(w).div(w / persons, rounding_mode="floor")
-    for person in range(persons):
-        masks[:, person, 2:] = (columns == person).float()
-    masks[:, persons, :2] = 1  # the background: the top rows
-    return {
-        "hidden_states": torch.randn(batch, TINY.in_channels, t, h, w, generator=gen),
-        "timestep": torch.full((batch,), 500.0),
-        "encoder_hidden_states": torch.randn(batch, 7, TINY.text_dim, generator=gen),
-        "encoder_hidden_states_image": torch.randn(batch, 257, TINY.image_dim, generator=gen),
-        "audio": torch.randn(
-            batch, persons, frames, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen
-        ),
-        "region_masks": masks if persons > 1 else None,
-        "audio_streams": torch.tensor(streams),
-    }
+    inputs = transformer_inputs(latent, persons=persons, batch=len(streams), seed=persons + latent[2])
+    if persons == 1:
+        inputs["region_masks"] = None
+    return {**inputs, "audio_streams": torch.tensor(streams)}
 
 
 def tiny_transformer():
