@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -263,6 +263,17 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+class BlockAudioArgs(NamedTuple):
+    """The audio arguments every block takes after (hidden_states, encoder_hidden_states, temb, rotary_emb), in
+    `MultiTalkTransformerBlock.forward`'s order: `run_blocks` passes them positionally, as hooks then see them."""
+
+    audio_tokens: torch.Tensor  # [B, T, P * tokens, audio_dim] every person's audio tokens per latent frame
+    audio_key_labels: torch.Tensor | None  # [B, P * tokens] L-RoPE labels of the audio keys; None: no sample has two
+    audio_key_mask: torch.Tensor | None  # [B, P * tokens] the audio keys of the streams a sample uses; None: all
+    region_values: torch.Tensor | None  # the persons' regions on the token grid, for localisation; None: none
+    lrope_samples: torch.Tensor  # [B] bool: the samples with several streams (localised, L-RoPE on)
+
+
 @dataclass
 class BlockStackInputs:
     """What the block stack reads, built once per forward by `embed`.
@@ -275,7 +286,7 @@ class BlockStackInputs:
     encoder_hidden_states: torch.Tensor  # [B, 257 + text_len, dim] image then text tokens
     timestep_proj: torch.Tensor  # [B, 6, dim] the blocks' modulation, a function of the timestep only
     rotary_emb: tuple[torch.Tensor, torch.Tensor]
-    block_args: tuple[torch.Tensor | None, ...]  # audio tokens, key labels, key mask, region values, L-RoPE samples
+    block_args: BlockAudioArgs
     temb: torch.Tensor  # [B, dim] the output head's modulation
     grid: tuple[int, int, int]  # latent frames, token rows, token columns
 
@@ -468,7 +479,7 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             encoder_hidden_states=encoder_hidden_states,
             timestep_proj=timestep_proj,
             rotary_emb=rotary_emb,
-            block_args=(audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples),
+            block_args=BlockAudioArgs(audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples),
             temb=temb,
             grid=grid,
         )

@@ -38,6 +38,13 @@ def shared_media() -> Path:
     return _shared_subdir("media")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the local Ray is slow, whichever module it is in (modules starting a server mark themselves)."""
+    for item in items:
+        if "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for the test module (2 CPUs); yields its GCS address."""

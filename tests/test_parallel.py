@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -142,13 +141,6 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=RANKS, include_dashboard=False)  # conftest turns Ray's token auth off
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def job(shared_media) -> GenerationJob:
     # Text guidance 1: 2 passes per step, which the guidance-parallel group puts one per rank.
     persons = [{"audio": str(shared_media / f"two_people_car_person{i}.WAV")} for i in (1, 2)]
@@ -173,7 +165,6 @@ def single_process_video(model_dir, job, tmp_path_factory) -> np.ndarray:
     return read_video_frames(result.path)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sequence", "guidance"])
 def test_device_group_of_two_generates_the_single_process_video(
     local_ray, model_dir, job, single_process_video, tmp_path, mode
