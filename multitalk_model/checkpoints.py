@@ -124,7 +124,7 @@ def convert_original_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[st
     return converted, unknown
 
 
-def _original_name(our_key: str) -> tuple[str, int | None]:
+def original_key(our_key: str) -> tuple[str, int | None]:
     """Inverse of convert_original_key for one of our keys: (original key, chunk index)."""
     match = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", our_key)
     if match:
@@ -266,7 +266,7 @@ def audio_state_dict(model: MultiTalkTransformer3DModel) -> dict[str, torch.Tens
     params = dict(model.named_parameters())
     out: dict[str, list[torch.Tensor | None] | torch.Tensor] = {}
     for name in model.audio_parameter_names():
-        original, chunk = _original_name(name)
+        original, chunk = original_key(name)
         tensor = params[name].detach().cpu().contiguous()
         if chunk is None:
             out[original] = tensor

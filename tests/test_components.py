@@ -10,7 +10,7 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from multitalk_model.checkpoints import _original_name, build_model, export_audio_weights
+from multitalk_model.checkpoints import original_key, build_model, export_audio_weights
 from multitalk_model.components import (
     encode_image,
     encode_prompt,
@@ -145,7 +145,7 @@ def write_original_wan(model, transformer_dir: Path) -> None:
     """Form (3): an original-format Wan2.1 folder (WanModel config.json, named shards + index) with the base weights."""
     transformer_dir.mkdir()
     audio = set(model.audio_parameter_names())
-    base = {_original_name(k)[0]: v.contiguous() for k, v in model.state_dict().items() if k not in audio}
+    base = {original_key(k)[0]: v.contiguous() for k, v in model.state_dict().items() if k not in audio}
     shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
     save_file(base, str(transformer_dir / shard))
     index = {"metadata": {}, "weight_map": {key: shard for key in base}}
