@@ -10,7 +10,7 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from multitalk_model.checkpoints import original_key, build_model, export_audio_weights
+from multitalk_model.checkpoints import build_model, export_audio_weights, original_key
 from multitalk_model.components import (
     encode_image,
     encode_prompt,
