@@ -66,7 +66,7 @@ def plain_step_times(config_path: Path, data: Path, steps: int, warmup: int) -> 
     model = build_training_model(config.model, "cpu", seed=0)
     model.enable_gradient_checkpointing()
     model.train()
-    encoders = FrozenEncoders.load(config.model.model_dir, model, architecture, "cpu", torch.float32)
+    encoders = FrozenEncoders.load(config.model.model_dir, architecture, "cpu", torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
     dataset = ClipStream(config.data, architecture, config.schedule.micro_batch_size, 0, rank=0, world_size=1)

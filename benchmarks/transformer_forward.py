@@ -3,6 +3,8 @@
 A CPU-sized config where attention matters (dim 1024, 8 heads, 2 layers, 5 x 32 x 56 latents = 2,240 tokens).
 Prints the time ratio for 1 and 2 persons, and the peak extra memory of the person localisation: ours (an
 attention whose values are the masks) against the reference's materialised [heads, tokens, ref_tokens] map.
+First, how long the 14B preset takes to build on the meta device (what loading a checkpoint starts with), against
+this config's build with real weights.
 
     python benchmarks/transformer_forward.py [--repeats 5]
 """
@@ -18,7 +20,7 @@ import time
 import torch
 
 from multitalk_model.checkpoints import build_model
-from multitalk_model.config import MultiTalkConfig
+from multitalk_model.config import MultiTalkConfig, get_preset
 from multitalk_model.fixtures.random_model import plain_wan_twin
 from multitalk_model.localization import region_scores, token_region_masks
 
@@ -116,8 +118,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
+    start = time.perf_counter()
+    build_model(get_preset("multitalk-14b"), "meta")
+    meta_14b_s = time.perf_counter() - start
     torch.manual_seed(0)
+    start = time.perf_counter()
     multitalk = build_model(CONFIG, "cpu").eval()
+    print(
+        f"14B preset on meta: {meta_14b_s:.2f} s ({meta_14b_s / (time.perf_counter() - start):.2f}x this config on cpu)"
+    )
     plain = plain_wan_twin(multitalk)  # the same base weights
 
     print(f"config: dim {CONFIG.dim}, {CONFIG.num_attention_heads} heads, {CONFIG.num_layers} layers, latent {LATENT}")

@@ -124,7 +124,7 @@ def convert_original_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[st
     return converted, unknown
 
 
-def _original_name(our_key: str) -> tuple[str, int | None]:
+def original_key(our_key: str) -> tuple[str, int | None]:
     """Inverse of convert_original_key for one of our keys: (original key, chunk index)."""
     match = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", our_key)
     if match:
@@ -181,7 +181,8 @@ def load_weights(
 
     sources: (path, format) pairs, format "original" (Wan2.1 original names and/or multitalk.safetensors /
     infinitetalk.safetensors) or "diffusers" (a diffusers-format Wan2.1-I2V `transformer` folder or file: its base
-    keys are ours). With strict, every parameter must be loaded exactly once with the right shape.
+    keys are ours). With strict, every parameter must be loaded exactly once with the right shape. Rotary tables
+    still on the meta device are built on `device`: they are buffers no checkpoint holds.
     """
     expected = {name: param for name, param in model.named_parameters()}
     loaded: set[str] = set()
@@ -219,6 +220,10 @@ def load_weights(
         problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
     if problems:
         raise CheckpointError("checkpoint does not fit the MultiTalk transformer:\n" + "\n".join(problems))
+    if any(buffer.is_meta for buffer in model.rope.buffers()):
+        config = model.architecture
+        with torch.device(device):
+            model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
     return model
 
 
@@ -253,11 +258,7 @@ def load_original(
     device: torch.device | str = "cpu",
 ) -> MultiTalkTransformer3DModel:
     """Builds the model on the meta device and loads original-format checkpoints (Wan2.1 shards + multitalk)."""
-    model = build_model(config, "meta")
-    load_weights(model, [(path, "original") for path in checkpoints], dtype=dtype, device=device)
-    with torch.device(device):  # rotary tables are buffers no checkpoint holds: build them for real
-        model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
-    return model
+    return load_weights(build_model(config, "meta"), [(path, "original") for path in checkpoints], dtype, device)
 
 
 def audio_state_dict(model: MultiTalkTransformer3DModel) -> dict[str, torch.Tensor]:
@@ -265,7 +266,7 @@ def audio_state_dict(model: MultiTalkTransformer3DModel) -> dict[str, torch.Tens
     params = dict(model.named_parameters())
     out: dict[str, list[torch.Tensor | None] | torch.Tensor] = {}
     for name in model.audio_parameter_names():
-        original, chunk = _original_name(name)
+        original, chunk = original_key(name)
         tensor = params[name].detach().cpu().contiguous()
         if chunk is None:
             out[original] = tensor

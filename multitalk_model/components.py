@@ -38,14 +38,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import diffusers
 import ftfy
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import (
     AutoTokenizer,
@@ -60,7 +59,7 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .checkpoints import build_model, load_weights
-from .config import MultiTalkConfig
+from .config import AUDIO_FIELDS, WAN_FIXED_ARGS, MultiTalkConfig
 from .transformer import MultiTalkTransformer3DModel
 from .wav2vec import Wav2VecEncoder
 
@@ -77,35 +76,59 @@ SUBFOLDERS = (
 LAYOUT = "a MultiTalk model directory holds model_index.json and " + ", ".join(f"{name}/" for name in SUBFOLDERS)
 AUDIO_WEIGHTS = "multitalk.safetensors"
 AUDIO_MANIFEST = "multitalk.json"
-# MultiTalkConfig fields of the audio branch: recorded by form (1), set by multitalk.json for forms (2) and (3).
-AUDIO_FIELDS = (
-    "audio_window",
-    "audio_layers",
-    "audio_channels",
-    "audio_intermediate_dim",
-    "audio_dim",
-    "audio_tokens",
-    "vae_scale",
-    "norm_input_visual",
-    "norm_output_audio",
-)
-# Arguments of diffusers' WanTransformer3DModel that MultiTalkConfig does not carry, with the only value it supports.
-_FIXED_WAN_ARGS = {"qk_norm": "rms_norm_across_heads", "pos_embed_seq_len": None}
+TransformerForm = Literal["multitalk", "wan", "original"]  # forms (1), (2) and (3) of the module docstring
+_KEY_FORMATS: dict[str, str] = {"multitalk": "diffusers", "wan": "diffusers", "original": "original"}
 
 
 @dataclass
-class MultiTalkComponents:
-    """Everything one MultiTalk generation needs; of the scheduler, the pipeline reads only the config."""
+class ConditionEncoders:
+    """The frozen encoders of the conditions, as generation and training both use them (see `load_encoders`)."""
 
-    transformer: MultiTalkTransformer3DModel
     vae: AutoencoderKLWan
     text_encoder: UMT5EncoderModel
     tokenizer: PreTrainedTokenizerBase
     image_encoder: CLIPVisionModel
     image_processor: BaseImageProcessor
+    text_len: int  # umT5 context length the transformer reads
+
+
+@dataclass
+class MultiTalkComponents(ConditionEncoders):
+    """Everything one MultiTalk generation needs; of the scheduler, the pipeline reads only the config."""
+
+    transformer: MultiTalkTransformer3DModel
     audio_encoder: Wav2VecEncoder
     scheduler: SchedulerMixin
     config: MultiTalkConfig
+
+
+def load_encoders(
+    model_dir: str | Path,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    text_len: int,
+    text_encoder_device: str | torch.device | None = None,
+) -> ConditionEncoders:
+    """The frozen condition encoders of a model directory: the VAE and CLIP in float32 (as the reference), umT5 in
+    `dtype` on `text_encoder_device` (default `device`). Training and generation load them here, so both see the
+    same conditions."""
+    model_dir = Path(model_dir)
+    vae = AutoencoderKLWan.from_pretrained(model_dir / "vae", torch_dtype=torch.float32, local_files_only=True)
+    text_encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, local_files_only=True)
+    image_encoder = CLIPVisionModel.from_pretrained(
+        model_dir / "image_encoder", dtype=torch.float32, local_files_only=True
+    )
+    text_encoder_device = text_encoder_device or device
+    for module, on in ((vae, device), (text_encoder, text_encoder_device), (image_encoder, device)):
+        module.requires_grad_(False).eval().to(on)
+    return ConditionEncoders(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True),
+        image_encoder=image_encoder,
+        image_processor=CLIPImageProcessor.from_pretrained(model_dir / "image_processor", local_files_only=True),
+        text_len=text_len,
+    )
 
 
 def load_components(
@@ -135,37 +158,47 @@ def load_components(
     if mismatches:
         raise ValueError(f"{model_dir}: the encoders do not fit the transformer: " + "; ".join(mismatches))
 
-    transformer = build_model(config, "meta")
-    load_weights(transformer, sources, dtype=dtype, device=device)
-    with torch.device(device):  # rotary tables are buffers no checkpoint holds: build them for real
-        transformer.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
-
-    vae = AutoencoderKLWan.from_pretrained(model_dir / "vae", torch_dtype=torch.float32, local_files_only=True)
-    text_encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, local_files_only=True)
-    image_encoder = CLIPVisionModel.from_pretrained(
-        model_dir / "image_encoder", dtype=torch.float32, local_files_only=True
-    )
+    transformer = load_weights(build_model(config, "meta"), sources, dtype=dtype, device=device)
+    encoders = load_encoders(model_dir, device, dtype, config.text_len, text_encoder_device)
     return MultiTalkComponents(
+        **vars(encoders),
         transformer=transformer.eval(),
-        vae=vae.to(device).eval(),
-        text_encoder=text_encoder.to(text_encoder_device or device).eval(),
-        tokenizer=AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True),
-        image_encoder=image_encoder.to(device).eval(),
-        image_processor=CLIPImageProcessor.from_pretrained(model_dir / "image_processor", local_files_only=True),
         audio_encoder=Wav2VecEncoder.from_pretrained(model_dir / "wav2vec2", device=device, dtype=torch.float32),
         scheduler=_load_scheduler(model_dir / "scheduler"),
         config=config,
     )
 
 
+def transformer_form(model_dir: str | Path) -> TransformerForm:
+    """Which of the three forms of the module docstring a model directory's transformer/ is, from its config.json."""
+    config_file = Path(model_dir) / "transformer" / "config.json"
+    values = _read_json(config_file)
+    class_name = values.get("_class_name")
+    if class_name == MultiTalkTransformer3DModel.__name__:
+        return "multitalk"
+    if class_name == "WanTransformer3DModel":
+        return "wan"
+    if "dim" in values and "num_heads" in values:
+        return "original"
+    raise ValueError(
+        f"{config_file}: _class_name {class_name!r} is neither MultiTalkTransformer3DModel, WanTransformer3DModel "
+        "nor an original-format WanModel config"
+    )
+
+
+def transformer_weights(model_dir: str | Path) -> tuple[Path, str]:
+    """The base transformer's weights of a model directory as a `load_weights` source: (transformer/, key format)."""
+    return Path(model_dir) / "transformer", _KEY_FORMATS[transformer_form(model_dir)]
+
+
 @torch.no_grad()
-def encode_prompt(components: MultiTalkComponents, prompts: list[str], device: str | torch.device) -> torch.Tensor:
+def encode_prompt(components: ConditionEncoders, prompts: list[str], device: str | torch.device) -> torch.Tensor:
     """umT5 states of the prompts, [B, text_len, text_dim] on `device`, zero past each prompt's tokens.
 
     As diffusers' WanImageToVideoPipeline._get_t5_prompt_embeds: prompts cleaned (ftfy, HTML entities, whitespace),
     tokenised with end-of-sequence and padded or truncated to text_len (512); the text encoder's dtype is kept.
     """
-    text_len = components.config.text_len
+    text_len = components.text_len
     tokens = components.tokenizer(
         [_clean_prompt(prompt) for prompt in prompts],
         padding="max_length",
@@ -183,7 +216,7 @@ def encode_prompt(components: MultiTalkComponents, prompts: list[str], device: s
 
 
 @torch.no_grad()
-def encode_image(components: MultiTalkComponents, image: np.ndarray) -> torch.Tensor:
+def encode_image(components: ConditionEncoders, image: np.ndarray) -> torch.Tensor:
     """CLIP states of one RGB uint8 image [H, W, 3]: the penultimate layer [1, 257, image_dim], as diffusers' Wan."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} of shape {list(image.shape)}")
@@ -194,7 +227,7 @@ def encode_image(components: MultiTalkComponents, image: np.ndarray) -> torch.Te
 
 
 @torch.no_grad()
-def vae_encode(components: MultiTalkComponents, video: torch.Tensor) -> torch.Tensor:
+def vae_encode(components: ConditionEncoders, video: torch.Tensor) -> torch.Tensor:
     """Video [B, 3, F, H, W] in [-1, 1] -> normalised posterior mean [B, 16, (F - 1) / 4 + 1, H / 8, W / 8]."""
     vae = components.vae
     temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
@@ -212,7 +245,7 @@ def vae_encode(components: MultiTalkComponents, video: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def vae_decode(components: MultiTalkComponents, latent: torch.Tensor) -> torch.Tensor:
+def vae_decode(components: ConditionEncoders, latent: torch.Tensor) -> torch.Tensor:
     """Normalised latent [B, 16, T, h, w] -> video [B, 3, 4 (T - 1) + 1, 8 h, 8 w] in [-1, 1]: vae_encode's inverse."""
     vae = components.vae
     latent = latent.to(vae.device, vae.dtype)
@@ -257,35 +290,37 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _transformer_source(model_dir: Path, image_dim: int) -> tuple[MultiTalkConfig, list[tuple[Path, str]]]:
     """The architecture and the weight sources ((path, key format) pairs) of transformer/, in any of its forms."""
-    transformer_dir = model_dir / "transformer"
+    transformer_dir, key_format = transformer_weights(model_dir)
     config_file = transformer_dir / "config.json"
     values = _read_json(config_file)
-    class_name = values.get("_class_name")
-    if class_name == MultiTalkTransformer3DModel.__name__:  # form (1): self-contained
-        return _config_from_diffusers(values, config_file, {}), [(transformer_dir, "diffusers")]
+    form = transformer_form(model_dir)
+    if form == "multitalk":  # self-contained: its config.json holds exactly MultiTalkConfig's fields
+        fields = {key: value for key, value in values.items() if not key.startswith("_")}
+        return _checked(config_file, MultiTalkConfig.from_dict, fields), [(transformer_dir, key_format)]
 
     audio_weights, audio_config = _audio_weights(model_dir)
-    if class_name == "WanTransformer3DModel":  # form (2)
+    if form == "wan":
         if audio_weights is None:
             raise FileNotFoundError(
                 f"{model_dir / AUDIO_WEIGHTS}: missing; a diffusers Wan2.1 transformer/ needs the official audio "
                 f"weights there or at the path {AUDIO_MANIFEST} names"
             )
-        config = _config_from_diffusers(values, config_file, audio_config)
-        return config, [(transformer_dir, "diffusers"), (audio_weights, "original")]
-    if "dim" in values and "num_heads" in values:  # form (3): the audio weights may be among its own shards
-        try:
-            config = MultiTalkConfig.from_reference(values)
-        except (KeyError, ValueError) as error:
-            raise ValueError(f"{config_file}: {error}") from error
-        # The original format fixes the CLIP (ViT-H/14) and so never records its width.
-        config = dataclasses.replace(config, image_dim=image_dim, **audio_config)
-        sources = [(transformer_dir, "original")]
-        return config, sources + ([(audio_weights, "original")] if audio_weights else [])
-    raise ValueError(
-        f"{config_file}: _class_name {class_name!r} is neither MultiTalkTransformer3DModel, WanTransformer3DModel "
-        "nor an original-format WanModel config"
-    )
+        config = _config_from_wan(values, config_file, audio_config)
+        return config, [(transformer_dir, key_format), (audio_weights, "original")]
+    # Original format: the audio weights may be among its own shards. It fixes the CLIP (ViT-H/14) and so never
+    # records its width.
+    config = _checked(config_file, MultiTalkConfig.from_reference, values)
+    config = dataclasses.replace(config, image_dim=image_dim, **audio_config)
+    sources = [(transformer_dir, key_format)]
+    return config, sources + ([(audio_weights, "original")] if audio_weights else [])
+
+
+def _checked(config_file: Path, read: Any, values: dict[str, Any]) -> MultiTalkConfig:
+    """`read(values)`, its errors naming the file."""
+    try:
+        return read(values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: {error}") from error
 
 
 def _audio_weights(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -308,20 +343,17 @@ def _audio_weights(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     return weights, audio_config
 
 
-def _config_from_diffusers(values: dict[str, Any], path: Path, audio_config: dict[str, Any]) -> MultiTalkConfig:
-    """MultiTalkConfig from the config.json of a diffusers Wan (plus audio fields) or MultiTalk transformer."""
+def _config_from_wan(values: dict[str, Any], path: Path, audio_config: dict[str, Any]) -> MultiTalkConfig:
+    """MultiTalkConfig from the config.json of a diffusers Wan transformer plus the audio fields."""
     values = {key: value for key, value in values.items() if not key.startswith("_")}
-    for key, supported in _FIXED_WAN_ARGS.items():
+    for key, supported in WAN_FIXED_ARGS.items():
         value = values.pop(key, supported)
         if value != supported:
             raise ValueError(f"{path}: {key}={value!r} is not supported (Wan2.1-I2V has {supported!r})")
     added_kv_proj_dim = values.pop("added_kv_proj_dim", None)
     if values.get("image_dim") is None or added_kv_proj_dim is None:
         raise ValueError(f"{path}: not an image-to-video transformer (image_dim and added_kv_proj_dim must be set)")
-    try:
-        config = MultiTalkConfig.from_dict({**values, **audio_config})
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from error
+    config = _checked(path, MultiTalkConfig.from_dict, {**values, **audio_config})
     if added_kv_proj_dim != config.dim:
         raise ValueError(f"{path}: added_kv_proj_dim {added_kv_proj_dim} must equal the model width {config.dim}")
     return config
@@ -338,10 +370,14 @@ def _load_scheduler(scheduler_dir: Path) -> SchedulerMixin:
 
 
 __all__ = [
+    "ConditionEncoders",
     "MultiTalkComponents",
     "encode_image",
     "encode_prompt",
     "load_components",
+    "load_encoders",
+    "transformer_form",
+    "transformer_weights",
     "vae_decode",
     "vae_encode",
 ]

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+# Arguments of diffusers' WanTransformer3DModel that MultiTalkConfig does not carry, with the only value supported.
+WAN_FIXED_ARGS: dict[str, Any] = {"qk_norm": "rms_norm_across_heads", "pos_embed_seq_len": None}
+
+
+def _audio_field(default: Any) -> Any:
+    """A field of the audio branch: a diffusers Wan config.json does not record it (see `AUDIO_FIELDS`)."""
+    return field(default=default, metadata={"audio_branch": True})
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,15 @@ class MultiTalkConfig:
     rope_max_seq_len: int = 1024
     # Audio branch. The adapter reads, per video frame, a window of `audio_window` wav2vec frames of
     # `audio_layers` stacked hidden states of size `audio_channels`.
-    audio_window: int = 5
-    audio_layers: int = 12
-    audio_channels: int = 768
-    audio_intermediate_dim: int = 512
-    audio_dim: int = 768  # size of one audio context token
-    audio_tokens: int = 32  # audio context tokens per latent frame and person
-    vae_scale: int = 4  # video frames per latent frame (temporal VAE stride)
-    norm_input_visual: bool = True  # LayerNorm before the audio cross-attention
-    norm_output_audio: bool = True  # LayerNorm on the adapter's tokens
+    audio_window: int = _audio_field(5)
+    audio_layers: int = _audio_field(12)
+    audio_channels: int = _audio_field(768)
+    audio_intermediate_dim: int = _audio_field(512)
+    audio_dim: int = _audio_field(768)  # size of one audio context token
+    audio_tokens: int = _audio_field(32)  # audio context tokens per latent frame and person
+    vae_scale: int = _audio_field(4)  # video frames per latent frame (temporal VAE stride)
+    norm_input_visual: bool = _audio_field(True)  # LayerNorm before the audio cross-attention
+    norm_output_audio: bool = _audio_field(True)  # LayerNorm on the adapter's tokens
     text_len: int = 512  # umT5 context length; diffusers' Wan attention splits image/text tokens by it
 
     def __post_init__(self) -> None:
@@ -56,6 +64,12 @@ class MultiTalkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def wan_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of diffusers' WanTransformer3DModel for the base (image-to-video) model."""
+        wan = {name: value for name, value in self.to_dict().items() if name not in AUDIO_FIELDS and name != "text_len"}
+        # I2V: the image tokens get their own key/value projections, of the model width.
+        return {**wan, **WAN_FIXED_ARGS, "added_kv_proj_dim": self.dim}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MultiTalkConfig:
@@ -128,10 +142,19 @@ class MultiTalkConfig:
         }
 
 
-def check_clip_frames(value: int) -> int:
-    """A clip's frame count: the VAE folds 4 frames into one latent frame after the first, so clips are 4n + 1."""
-    if value < 5 or value % 4 != 1:
-        raise ValueError(f"must be 4n + 1 and at least 5 (the VAE's temporal stride), got {value}")
+# MultiTalkConfig fields of the audio branch: what a base Wan2.1 config.json lacks and multitalk.json may set.
+AUDIO_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(MultiTalkConfig) if f.metadata.get("audio_branch")
+)
+
+
+def check_clip_frames(value: int, *, minimum: int = 5) -> int:
+    """A frame count of 4n + 1 (at least `minimum`): the VAE folds 4 frames into one latent frame after the first.
+
+    Every clip length (generation jobs, curation windows, training samples) and the motion frames are checked here.
+    """
+    if value < minimum or value % 4 != 1:
+        raise ValueError(f"must be 4n + 1 and at least {minimum} (the VAE's temporal stride), got {value}")
     return value
 
 
@@ -163,4 +186,4 @@ def get_preset(name: str) -> MultiTalkConfig:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
-__all__ = ["MultiTalkConfig", "PRESETS", "check_clip_frames", "get_preset"]
+__all__ = ["AUDIO_FIELDS", "MultiTalkConfig", "PRESETS", "WAN_FIXED_ARGS", "check_clip_frames", "get_preset"]

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .regions import FACE_DETECTOR_KINDS, FaceDetectorKind
+
 
 @dataclass(frozen=True)
 class Face:
@@ -380,9 +382,7 @@ class InsightFaceDetector:
         return _largest_first(faces)
 
 
-def build_face_detector(
-    kind: Literal["auto", "mtcnn", "haar", "insightface"] = "auto", insightface_pack: str | None = None
-) -> FaceDetector:
+def build_face_detector(kind: FaceDetectorKind = "auto", insightface_pack: str | None = None) -> FaceDetector:
     """A face detector by name; "auto" is insightface when a pack is given, else MTCNN."""
     if kind == "auto":
         kind = "insightface" if insightface_pack else "mtcnn"
@@ -394,4 +394,4 @@ def build_face_detector(
         if not insightface_pack:
             raise ValueError("insightface_pack: required when the face detector kind is 'insightface'")
         return InsightFaceDetector(insightface_pack)
-    raise ValueError(f"face detector kind: {kind!r} is not one of auto, mtcnn, haar, insightface")
+    raise ValueError(f"face detector kind: {kind!r} is not one of {', '.join(FACE_DETECTOR_KINDS)}")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config import check_clip_frames
 from .regions import official_bbox_to_box
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,6 @@ class PromptAt(BaseModel):
 
     start_s: float = Field(ge=0, description="Seconds into the video from which this prompt holds.")
     prompt: str = Field(description="Text describing the scene from start_s on.")
-
-
-def _check_4n_plus_1(name: str, value: int) -> int:
-    # The VAE compresses 4 frames into one latent frame after the first, so clip lengths are 4n + 1.
-    if value % 4 != 1:
-        raise ValueError(f"{name} must be 4n+1, got {value}")
-    return value
 
 
 class GenerationJob(BaseModel):
@@ -137,12 +131,12 @@ class GenerationJob(BaseModel):
     @field_validator("frame_num")
     @classmethod
     def _frame_num_is_4n_plus_1(cls, value: int) -> int:
-        return _check_4n_plus_1("frame_num", value)
+        return check_clip_frames(value)
 
     @field_validator("motion_frames")
     @classmethod
     def _motion_frames_is_4n_plus_1(cls, value: int) -> int:
-        return _check_4n_plus_1("motion_frames", value)
+        return check_clip_frames(value, minimum=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationJob":

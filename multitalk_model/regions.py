@@ -9,7 +9,7 @@ import logging
 import math
 import numbers
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -20,6 +20,12 @@ if TYPE_CHECKING:  # geometry only: importing the detectors (torch) is left to c
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
+# Face detectors that find the persons in an image without boxes (built by faces.build_face_detector). Those whose
+# weights come with the installed packages (serving offers these: it has no model pack setting), then every one
+# (insightface's reads a local model pack).
+PackagedFaceDetectorKind = Literal["auto", "mtcnn", "haar"]
+FaceDetectorKind = Literal[PackagedFaceDetectorKind, "insightface"]
+FACE_DETECTOR_KINDS: tuple[str, ...] = get_args(FaceDetectorKind)
 
 # Aspect-ratio buckets of the reference (MeiGen-AI/MultiTalk wan/utils/multitalk_utils.py), copied as they are:
 # key = height / width, value = ([height, width], 1). 627 is the 480p family (about 640x640 pixels of area),

@@ -11,8 +11,10 @@ blocks correctly. Attention runs behind processors, so a parallel runtime can sw
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -261,6 +263,17 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+class BlockAudioArgs(NamedTuple):
+    """The audio arguments every block takes after (hidden_states, encoder_hidden_states, temb, rotary_emb), in
+    `MultiTalkTransformerBlock.forward`'s order: `run_blocks` passes them positionally, as hooks then see them."""
+
+    audio_tokens: torch.Tensor  # [B, T, P * tokens, audio_dim] every person's audio tokens per latent frame
+    audio_key_labels: torch.Tensor | None  # [B, P * tokens] L-RoPE labels of the audio keys; None: no sample has two
+    audio_key_mask: torch.Tensor | None  # [B, P * tokens] the audio keys of the streams a sample uses; None: all
+    region_values: torch.Tensor | None  # the persons' regions on the token grid, for localisation; None: none
+    lrope_samples: torch.Tensor  # [B] bool: the samples with several streams (localised, L-RoPE on)
+
+
 @dataclass
 class BlockStackInputs:
     """What the block stack reads, built once per forward by `embed`.
@@ -273,105 +286,86 @@ class BlockStackInputs:
     encoder_hidden_states: torch.Tensor  # [B, 257 + text_len, dim] image then text tokens
     timestep_proj: torch.Tensor  # [B, 6, dim] the blocks' modulation, a function of the timestep only
     rotary_emb: tuple[torch.Tensor, torch.Tensor]
-    block_args: tuple[torch.Tensor | None, ...]  # audio tokens, key labels, key mask, region values, L-RoPE samples
+    block_args: BlockAudioArgs
     temb: torch.Tensor  # [B, dim] the output head's modulation
     grid: tuple[int, int, int]  # latent frames, token rows, token columns
+
+
+def _signature_from_config(init: Any) -> Any:
+    """Gives `init` MultiTalkConfig's fields, with their defaults, as keyword arguments.
+
+    diffusers reads a model's constructor signature to save and load config.json (`register_to_config`,
+    `from_config`): generating it from the dataclass keeps MultiTalkConfig the one description of the architecture.
+    """
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+        for f in dataclasses.fields(MultiTalkConfig)
+    ]
+    init.__signature__ = inspect.Signature(parameters)
+    return init
 
 
 class MultiTalkTransformer3DModel(WanTransformer3DModel):
     r"""Wan2.1-I2V transformer with the MultiTalk audio branch.
 
-    Takes every argument of `WanTransformer3DModel` plus the audio branch's (see `MultiTalkConfig`). Build it from
-    a typed config with `from_multitalk_config`.
+    Takes the fields of `MultiTalkConfig` as keyword arguments (its `config` holds exactly them); build it from a
+    typed config with `from_multitalk_config`.
     """
 
     _no_split_modules = ["MultiTalkTransformerBlock"]
     _repeated_blocks = ["MultiTalkTransformerBlock"]
     _keep_in_fp32_modules = WanTransformer3DModel._keep_in_fp32_modules + ["norm_audio"]
+    # diffusers' inherited context-parallel plan splits the sequence at the block boundaries it knows; it knows
+    # nothing of the frame-local audio attention (whose frames must stay whole) nor of the localisation (which
+    # reads frame 0's keys), so `enable_parallelism()` would silently split them wrong. serving/parallel.py holds
+    # the sequence parallelism this model supports.
+    _cp_plan = None
 
     @register_to_config
-    def __init__(
-        self,
-        patch_size: tuple[int, ...] = (1, 2, 2),
-        num_attention_heads: int = 40,
-        attention_head_dim: int = 128,
-        in_channels: int = 36,
-        out_channels: int = 16,
-        text_dim: int = 4096,
-        freq_dim: int = 256,
-        ffn_dim: int = 13824,
-        num_layers: int = 40,
-        cross_attn_norm: bool = True,
-        qk_norm: str | None = "rms_norm_across_heads",
-        eps: float = 1e-6,
-        image_dim: int | None = 1280,
-        added_kv_proj_dim: int | None = 5120,
-        rope_max_seq_len: int = 1024,
-        pos_embed_seq_len: int | None = None,
-        audio_window: int = 5,
-        audio_layers: int = 12,
-        audio_channels: int = 768,
-        audio_intermediate_dim: int = 512,
-        audio_dim: int = 768,
-        audio_tokens: int = 32,
-        vae_scale: int = 4,
-        norm_input_visual: bool = True,
-        norm_output_audio: bool = True,
-        text_len: int = 512,
-    ) -> None:
+    @_signature_from_config
+    def __init__(self, **config: Any) -> None:
+        architecture = MultiTalkConfig(**config)
+        wan = architecture.wan_kwargs()
         # The undecorated parent constructor: it builds the embeddings and output head without registering its
         # own config over ours, and no Wan blocks (ours replace them).
-        WanTransformer3DModel.__init__.__wrapped__(
-            self,
-            patch_size=patch_size,
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            text_dim=text_dim,
-            freq_dim=freq_dim,
-            ffn_dim=ffn_dim,
-            num_layers=0,
-            cross_attn_norm=cross_attn_norm,
-            qk_norm=qk_norm,
-            eps=eps,
-            image_dim=image_dim,
-            added_kv_proj_dim=added_kv_proj_dim,
-            rope_max_seq_len=rope_max_seq_len,
-            pos_embed_seq_len=pos_embed_seq_len,
-        )
-        inner_dim = num_attention_heads * attention_head_dim
+        WanTransformer3DModel.__init__.__wrapped__(self, **{**wan, "num_layers": 0})
         self.blocks = nn.ModuleList(
             [
                 MultiTalkTransformerBlock(
-                    inner_dim,
-                    ffn_dim,
-                    num_attention_heads,
-                    qk_norm,
-                    cross_attn_norm,
-                    eps,
-                    added_kv_proj_dim,
-                    audio_dim,
-                    norm_input_visual,
+                    architecture.dim,
+                    architecture.ffn_dim,
+                    architecture.num_attention_heads,
+                    wan["qk_norm"],
+                    architecture.cross_attn_norm,
+                    architecture.eps,
+                    wan["added_kv_proj_dim"],
+                    architecture.audio_dim,
+                    architecture.norm_input_visual,
                 )
-                for _ in range(num_layers)
+                for _ in range(architecture.num_layers)
             ]
         )
         self.audio_adapter = AudioAdapter(
-            window=audio_window,
-            layers=audio_layers,
-            channels=audio_channels,
-            intermediate_dim=audio_intermediate_dim,
-            audio_dim=audio_dim,
-            tokens=audio_tokens,
-            vae_scale=vae_scale,
-            norm_output=norm_output_audio,
+            window=architecture.audio_window,
+            layers=architecture.audio_layers,
+            channels=architecture.audio_channels,
+            intermediate_dim=architecture.audio_intermediate_dim,
+            audio_dim=architecture.audio_dim,
+            tokens=architecture.audio_tokens,
+            vae_scale=architecture.vae_scale,
+            norm_output=architecture.norm_output_audio,
         )
 
     @classmethod
     def from_multitalk_config(cls, config: MultiTalkConfig) -> MultiTalkTransformer3DModel:
         """Builds the model (random weights) on the current default device; use torch.device('meta') to skip memory."""
-        return cls(**model_kwargs(config))
+        return cls(**config.to_dict())
+
+    @property
+    def architecture(self) -> MultiTalkConfig:
+        """The typed config this model was built from."""
+        return MultiTalkConfig.from_dict({key: value for key, value in self.config.items() if not key.startswith("_")})
 
     def audio_parameter_names(self) -> list[str]:
         """The parameters MultiTalk trains: the audio adapter and every block's audio norm + cross-attention."""
@@ -485,7 +479,7 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             encoder_hidden_states=encoder_hidden_states,
             timestep_proj=timestep_proj,
             rotary_emb=rotary_emb,
-            block_args=(audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples),
+            block_args=BlockAudioArgs(audio_tokens, audio_key_labels, audio_key_mask, region_values, lrope_samples),
             temb=temb,
             grid=grid,
         )
@@ -522,34 +516,3 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
                 f"audio_streams must hold {batch_size} counts in [1, {num_persons}], got {streams.tolist()}"
             )
         return streams
-
-
-def model_kwargs(config: MultiTalkConfig) -> dict[str, Any]:
-    """Constructor arguments of MultiTalkTransformer3DModel for a typed config."""
-    return {
-        "patch_size": config.patch_size,
-        "num_attention_heads": config.num_attention_heads,
-        "attention_head_dim": config.attention_head_dim,
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "text_dim": config.text_dim,
-        "freq_dim": config.freq_dim,
-        "ffn_dim": config.ffn_dim,
-        "num_layers": config.num_layers,
-        "cross_attn_norm": config.cross_attn_norm,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": config.eps,
-        "image_dim": config.image_dim,
-        "added_kv_proj_dim": config.dim,  # I2V: the image tokens get their own key/value projections
-        "rope_max_seq_len": config.rope_max_seq_len,
-        "audio_window": config.audio_window,
-        "audio_layers": config.audio_layers,
-        "audio_channels": config.audio_channels,
-        "audio_intermediate_dim": config.audio_intermediate_dim,
-        "audio_dim": config.audio_dim,
-        "audio_tokens": config.audio_tokens,
-        "vae_scale": config.vae_scale,
-        "norm_input_visual": config.norm_input_visual,
-        "norm_output_audio": config.norm_output_audio,
-        "text_len": config.text_len,
-    }

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from multitalk_model.config import check_clip_frames
+from multitalk_model.regions import FaceDetectorKind
 from pipelines.schema import Kind
-from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config, require
+from platform_common.config import (
+    ConfigError,
+    ConfigSection,
+    absolute_location,
+    existing_local_path,
+    read_config,
+    require,
+)
 
 # whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
 # this project's torch and transformers 5, so it lives in its own pip env on top of the worker's packages.
@@ -40,7 +48,7 @@ class ClipsConfig(ConfigSection):
 
 
 class FacesConfig(ConfigSection):
-    detector: Literal["auto", "mtcnn", "haar", "insightface"] = Field(
+    detector: FaceDetectorKind = Field(
         default="auto", description="face detector; auto = insightface when a pack is given, else MTCNN"
     )
     insightface_pack: str | None = Field(default=None, description="local insightface model pack directory")
@@ -178,8 +186,8 @@ def load_config(
     directories = ("wav2vec.model_path", "asr.model_path", "asr.whisperx_align_model_path",
                    "asr.whisperx_diarization_path", "captions.model_path")  # fmt: skip
     for field in directories:
-        _check_local(config, path, field, Path.is_dir, "a directory")
-    _check_local(config, path, "sync.syncnet_path", Path.is_file, "a file")
+        _check_local(config, path, field, "directory")
+    _check_local(config, path, "sync.syncnet_path", "file")
     python = config.asr.whisperx_python
     if python and not os.path.isabs(python):
         # Taken as it is on the workers: resolving it here would follow the venv's symlink out of the venv.
@@ -194,14 +202,9 @@ def load_config(
     return config
 
 
-def _check_local(config: CurationConfig, path: Path, field: str, exists: Callable[[Path], bool], kind: str) -> None:
-    """Make a local path field absolute (when set) and check that it is `kind`."""
+def _check_local(config: CurationConfig, path: Path, field: str, kind: Literal["directory", "file"]) -> None:
+    """Make a local path field absolute (when set) and check that it is an existing `kind`."""
     section_name, name = field.split(".")
     section = getattr(config, section_name)
-    value = getattr(section, name)
-    if not value:
-        return
-    value = absolute_location(value)
-    setattr(section, name, value)
-    if not exists(Path(value)):
-        raise ConfigError(f"{path}: {field}: {value} is not {kind}")
+    if getattr(section, name):
+        setattr(section, name, existing_local_path(path, field, getattr(section, name), kind))

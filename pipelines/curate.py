@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -14,14 +13,13 @@ if __package__ in (None, ""):
     # Run as a script (also what `ray job submit --working-dir .` does): make the repository importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ray
-
 from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.plan import curation_steps, run_serially, to_dataset
 from pipelines.report import write_report
 from pipelines.sink import CorpusSink, WrittenShard
 from pipelines.stages.whisperx_asr import WhisperXEnvError, check_whisperx_env, whisperx_runtime_env
 from pipelines.storage import list_inputs
+from platform_common.cluster import connect_ray
 from platform_common.config import add_set_option, parse_sets, write_resolved_config
 
 logger = logging.getLogger("pipelines.curate")
@@ -33,7 +31,7 @@ def run(config: CurationConfig, serial: bool = False, seconds_by_step: dict[str,
     if serial and config.asr.whisperx:
         raise ConfigError("asr.whisperx runs in a Ray runtime env of its own: it cannot run serially")
     if not serial:
-        _connect_ray(config)
+        connect_ray(config.ray_address, config.local_num_cpus)
     if config.asr.whisperx:
         # Before any clip is decoded: a run whose whisperx env cannot be built fails now, saying why.
         version = check_whisperx_env(whisperx_runtime_env(config.asr))
@@ -55,18 +53,6 @@ def run(config: CurationConfig, serial: bool = False, seconds_by_step: dict[str,
     summary = write_report(config.output, manifest, rejects)
     logger.info("done: %d clips, %d rejects; report in %s", manifest.num_rows, rejects.num_rows, config.output)
     return summary
-
-
-def _connect_ray(config: CurationConfig) -> None:
-    if ray.is_initialized():
-        return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # "local": a Ray of this process even when a `ray start` cluster runs on the machine (use RAY_ADDRESS=auto
-        # or ray_address: auto to run on that one).
-        ray.init(address="local", num_cpus=config.local_num_cpus, include_dashboard=False)
 
 
 def main(argv: list[str] | None = None) -> int:

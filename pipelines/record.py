@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.schema import SAMPLE_FPS, RejectReason
+from pipelines.schema import SAMPLE_FPS, Kind, RejectReason
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Clip:
     """One input (before the shots stage) or one clip window of it (after)."""
 
     source: str  # the input as listed (path or URI)
-    kind: str  # single | multi_event | dual
+    kind: Kind
     caption: str | None = None
 
     # Probe: the source.

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import pyarrow as pa
 
 from pipelines.schema import REPORT_FILE, SUMMARY_FILE
-from pipelines.storage import resolve, write_atomically
+from pipelines.storage import resolve
+from platform_common.storage import write_atomically
 
 
 def summarize(manifest: pa.Table, rejects: pa.Table) -> dict:

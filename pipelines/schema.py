@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, get_args
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from multitalk_model.audio import SAMPLE_RATE, VIDEO_FPS
 
 Kind = Literal["single", "multi_event", "dual"]
-KINDS: tuple[str, ...] = ("single", "multi_event", "dual")
+KINDS: tuple[str, ...] = get_args(Kind)
 # Every clip is resampled to the model's frame rate; per-person audio is at wav2vec's input rate.
 SAMPLE_FPS = VIDEO_FPS
 AUDIO_RATE = SAMPLE_RATE
@@ -31,7 +31,7 @@ SUMMARY_FILE = "summary.json"
 
 _CAPTION_SOURCE_PATTERN = r"^(manifest|none|model:.+)$"
 
-_SHARD_NAME = re.compile(r"^(?P<kind>single|multi_event|dual)-(?P<index>\d{6})\.tar$")
+_SHARD_NAME = re.compile(rf"^(?P<kind>{'|'.join(KINDS)})-(?P<index>\d{{6}})\.tar$")
 
 
 def person_audio_key(person: int) -> str:

@@ -32,7 +32,9 @@ from pipelines.schema import (
     parse_shard_name,
     shard_name,
 )
-from pipelines.storage import resolve, write_atomically
+from pipelines.storage import resolve
+from platform_common.pause import pause_point
+from platform_common.storage import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +180,7 @@ class CorpusSink:
             self.manifest[key] = manifest_row(ClipMetadata.model_validate_json(meta), key, name)
         self.committed_shards += 1
         logger.info("committed %s (%d clips; %d clips in the corpus)", name, len(fresh), len(self.manifest))
+        pause_point("curation-shard-committed")
 
     def reject(self, row: dict) -> None:
         self.rejects.append(row)

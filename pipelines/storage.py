@@ -8,17 +8,19 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.schema import KINDS
+from platform_common.storage import atomic_output
 
 _MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 _CACHE_DIR = Path(tempfile.gettempdir()) / "multitalk-curation-sources"
+_COPY_CHUNK_BYTES = 1 << 20
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -84,9 +86,8 @@ def local_copy(uri: str) -> Path:
     cached = _CACHE_DIR / hashlib.sha256(uri.encode()).hexdigest()[:32] / Path(path).name
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.partial")
-        pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(partial, cached)
+        with fs.open_input_stream(path) as source, atomic_output(pafs.LocalFileSystem(), str(cached)) as target:
+            shutil.copyfileobj(source, target, _COPY_CHUNK_BYTES)
     return cached
 
 
@@ -97,12 +98,3 @@ def file_hash(path: Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write under a hidden temporary name, then move it into place: readers see the whole file or none."""
-    directory, name = path.rsplit("/", 1)
-    temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.partial"
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(data)
-    fs.move(temporary, path)

@@ -16,7 +16,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -125,3 +125,14 @@ def require(path: str | os.PathLike, fields: Mapping[str, Any]) -> None:
 def absolute_location(location: str) -> str:
     """A local path made absolute (workers may start in another directory); a URI (s3://...) as it is."""
     return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
+def existing_local_path(
+    config_path: str | os.PathLike, field: str, value: str, kind: Literal["directory", "file"]
+) -> str:
+    """`value` (of the dotted `field`) made absolute; fails naming the field unless it is an existing `kind`."""
+    value = absolute_location(value)
+    exists = Path.is_dir if kind == "directory" else Path.is_file
+    if not exists(Path(value)):
+        raise ConfigError(f"{config_path}: {field}: {value} is not a {kind}")
+    return value

@@ -1,8 +1,14 @@
 """`make demo`: the platform end to end on data it generates itself, with tiny random models.
 
-Steps: synthesise two speakers' speech, encode it with a tiny wav2vec2 and run the tiny MultiTalk transformer on a
-two-person, turn-taking conversation; then generate a short two-person talking video with sound from the tiny
-model directory, through the same pipeline and job schema as `python -m multitalk_model.generate`.
+Steps:
+  1-3. synthesise two speakers' speech, encode it with a tiny wav2vec2 and run the tiny MultiTalk transformer on a
+       two-person, turn-taking conversation;
+  4.   generate a short two-person talking video with sound from the tiny model directory, through the same
+       pipeline and job schema as `python -m multitalk_model.generate`;
+  5.   curate a generated sample corpus with `pipelines/curate.py`, submitted as a Ray job to a local Ray cluster;
+  6.   train the tiny model's audio branch on those shards with `training/train.py` (Ray Train + DeepSpeed, two
+       workers), which writes the loss curve and the exported audio weights;
+  7.   serve the model with Ray Serve, submit a job over the HTTP API, and print the web page's URL.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from multitalk_model.regions import default_halves, region_masks
 from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows
 from serving.app import build_app
 from serving.config import ServingConfig
+from training.loop import EXPORT_FILE
+from training.metrics import LOSS_CURVE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -243,8 +251,8 @@ def train(out: Path, cluster: LocalCluster, curated: Path) -> Path:
         {"output": str(trained), "data.path": str(curated), "model.model_dir": str(out / "tiny-model")},
     )
     submit_job(cluster, "python", "training/train.py", "--config", str(config), "--max-steps", "8")
-    print(f"   loss curve: {trained / 'loss.png'}")
-    print(f"   exported audio weights (official key format): {trained / 'multitalk.safetensors'}")
+    print(f"   loss curve: {trained / LOSS_CURVE_FILE}")
+    print(f"   exported audio weights (official key format): {trained / EXPORT_FILE}")
     return trained
 
 
@@ -305,7 +313,6 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    np.random.seed(0)
     transformer_forward(out)
     generate_video(out)
     with local_ray_cluster(keep_running=True) as cluster:

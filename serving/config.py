@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 
 from multitalk_model.jobs import GenerationJob
+from multitalk_model.regions import PackagedFaceDetectorKind
 
 API_KEYS_ENV = "MULTITALK_API_KEYS"
 
@@ -126,7 +127,7 @@ class ServingConfig(BaseModel):
         default="sequence",
         description="How a device group shards a job: tokens across ranks (sequence) or guidance passes (guidance).",
     )
-    face_detector: Literal["auto", "mtcnn", "haar"] = Field(
+    face_detector: PackagedFaceDetectorKind = Field(
         default="auto", description="Detector that finds persons in images without boxes."
     )
     model_name: str | None = Field(

@@ -41,11 +41,11 @@ from multitalk_model.generation import (
 )
 from multitalk_model.guidance import GuidanceScales, guidance_passes
 from multitalk_model.jobs import GenerationJob
+from multitalk_model.regions import PackagedFaceDetectorKind
 
 from .parallel import apply_guidance_parallel, apply_sequence_parallel
 
 ParallelMode = Literal["sequence", "guidance"]
-FaceDetectorKind = Literal["auto", "mtcnn", "haar"]  # built on each rank: detectors do not travel between processes
 _APPLY = {"sequence": apply_sequence_parallel, "guidance": apply_guidance_parallel}
 
 # How long a rank may wait in a collective for the others: covers one step and the per-job preparation that runs
@@ -67,7 +67,7 @@ class _GenerationRank:
         rank: int,
         world_size: int,
         use_gpu: bool,
-        face_detector: FaceDetectorKind,
+        face_detector: PackagedFaceDetectorKind,  # built on each rank: detectors do not travel between processes
         pipeline_kwargs: dict[str, Any],
     ) -> None:
         self.rank = rank
@@ -154,7 +154,7 @@ class DeviceGroup:
         use_gpu: bool | None = None,
         placement_group: PlacementGroup | None = None,
         poll_interval_s: float = 0.2,
-        face_detector: FaceDetectorKind = "auto",
+        face_detector: PackagedFaceDetectorKind = "auto",
         **pipeline_kwargs: Any,
     ) -> None:
         if mode not in _APPLY:

@@ -31,6 +31,7 @@ from multitalk_model.generation import (
 )
 from multitalk_model.jobs import GenerationJob
 from multitalk_model.media import read_video_frames
+from platform_common.pause import pause_point
 
 from .config import ServingConfig
 from .device_group import DeviceGroup
@@ -142,6 +143,7 @@ class Generator:
             go_on = self.store.report(job_id, attempt, step)
             if self.step_hook is not None:
                 self.step_hook(job_id, progress)
+            pause_point("generator-step")
 
         state, error, summary = JobState.SUCCEEDED, None, None
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-") as work:

@@ -40,24 +40,16 @@ from torch.utils.hooks import RemovableHandle
 
 from multitalk_model.localization import region_scores
 from multitalk_model.transformer import (
+    BlockAudioArgs,
     MultiTalkAudioAttention,
     MultiTalkTransformer3DModel,
     frame_local_audio_attention,
     self_attention_projections,
 )
 
-# MultiTalkTransformerBlock.forward, as `run_blocks` calls it: everything positional.
-_BLOCK_ARGS = (
-    "hidden_states",
-    "encoder_hidden_states",
-    "temb",
-    "rotary_emb",
-    "audio_tokens",
-    "audio_key_labels",
-    "audio_key_mask",
-    "region_values",
-    "lrope_samples",
-)
+# MultiTalkTransformerBlock.forward, as `run_blocks` calls it, everything positional: hidden_states,
+# encoder_hidden_states, temb, rotary_emb, then the fields of BlockAudioArgs.
+_BLOCK_ARG_COUNT = 4 + len(BlockAudioArgs._fields)
 
 
 class _BlockStackSplit(Protocol):
@@ -93,15 +85,16 @@ class _SequenceSplit:
         return min(self.chunk, self.total - self.start)
 
     def shard_block_args(self, args: tuple[Any, ...], first: bool) -> tuple[Any, ...]:
-        hidden_states, encoder_hidden_states, temb, rotary_emb, audio_tokens, *rest = args
+        hidden_states, encoder_hidden_states, temb, rotary_emb, *audio = args
+        audio = BlockAudioArgs(*audio)
         if first:
             self.total = hidden_states.shape[1]
-            self.per_frame = self.total // audio_tokens.shape[1]
+            self.per_frame = self.total // audio.audio_tokens.shape[1]
             if (self.world - 1) * self.chunk >= self.total:
                 raise ValueError(f"sequence parallel over {self.world} ranks needs more than {self.total} video tokens")
             hidden_states = self._local(hidden_states)
             self.rotary_emb = (self._local(rotary_emb[0]), self._local(rotary_emb[1]))
-        return (hidden_states, encoder_hidden_states, temb, self.rotary_emb, audio_tokens, *rest)
+        return (hidden_states, encoder_hidden_states, temb, self.rotary_emb, *audio)
 
     def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
         chunks = [torch.empty_like(hidden_states) for _ in range(self.world)]
@@ -272,8 +265,8 @@ _APPLIED: weakref.WeakKeyDictionary[MultiTalkTransformer3DModel, _Applied] = wea
 
 
 def _shard_hook(split: _BlockStackSplit, first: bool, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple:
-    if len(args) != len(_BLOCK_ARGS):
-        raise TypeError(f"parallel blocks take their {len(_BLOCK_ARGS)} arguments positionally, got {len(args)}")
+    if len(args) != _BLOCK_ARG_COUNT:
+        raise TypeError(f"parallel blocks take their {_BLOCK_ARG_COUNT} arguments positionally, got {len(args)}")
     return split.shard_block_args(args, first)
 
 

@@ -3,17 +3,19 @@
     storage = Storage("s3://bucket/multitalk")       # or "/var/lib/multitalk/files"
     storage.upload(Path("video.mp4"), job_file(job_id, "video.mp4"))
 
-Writes go to a temporary name first and are moved into place, so a reader never sees half a file.
+Writes go to a temporary name first and are moved into place (platform_common.storage), so a reader never sees
+half a file.
 """
 
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from platform_common.storage import atomic_output
 
 _CHUNK_BYTES = 1 << 20
 VIDEO_NAME = "video.mp4"  # a job's result, beside its inputs/
@@ -53,10 +55,8 @@ class Storage:
         """Copies a local file to key."""
         path = self._path(key)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        partial = f"{path}.{uuid.uuid4().hex}.partial"
-        with open(local, "rb") as source, self.fs.open_output_stream(partial) as target:
+        with open(local, "rb") as source, atomic_output(self.fs, path) as target:
             shutil.copyfileobj(source, target, _CHUNK_BYTES)
-        self.fs.move(partial, path)
 
     def download(self, key: str, local: Path) -> None:
         """Copies key to a local file; FileNotFoundError names the key when it is missing."""

@@ -1,15 +1,26 @@
-"""Shared fixtures: the real media and golden files that CI lays beside the checkout in ../shared."""
+"""Shared fixtures: the real media and golden files that CI lays beside the checkout in ../shared, a local Ray and
+pause gates (helpers in tests/helpers.py)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from platform_common.pause import PAUSE_DIR_ENV
+from tests import helpers
 
 # Tests never reach a model hub and run against a local Ray with auth off.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Pause points (platform_common.pause) read their holds here; set before any Ray starts so its workers inherit it.
+os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="multitalk-pause-")
+atexit.register(shutil.rmtree, os.environ[PAUSE_DIR_ENV], ignore_errors=True)
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
@@ -25,3 +36,28 @@ def _shared_subdir(name: str) -> Path:
 def shared_media() -> Path:
     """../shared/media: real talking videos, speech and two-person images."""
     return _shared_subdir("media")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the local Ray is slow, whichever module it is in (modules starting a server mark themselves)."""
+    for item in items:
+        if "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the test module (2 CPUs); yields its GCS address."""
+    with helpers.local_ray(num_cpus=2) as address:
+        yield address
+
+
+@pytest.fixture
+def pause_gate() -> helpers.PauseGate:
+    return helpers.PauseGate()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model directory (multitalk_model.fixtures.tiny_model) with its default seed."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import webdataset as wds
 import yaml
@@ -33,6 +32,7 @@ from pipelines.record import Clip
 from pipelines.schema import MANIFEST_FILE
 from pipelines.stages.captions import CaptionStage
 from pipelines.stages.sample import clip_metadata
+from tests.helpers import local_ray
 
 NUM_FRAMES = 9
 _WORDS = ["a", "man", "woman", "talking", "to", "the", "camera", "in", "room", "smiling", "two", "people"]
@@ -143,11 +143,8 @@ def test_curation_run_with_model_stages_records_model_captions_and_syncnet_score
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
+    with local_ray(num_cpus=2):
         run(load_config(tmp_path / "config.yaml"))
-    finally:
-        ray.shutdown()
 
     [row] = pq.read_table(tmp_path / "out" / MANIFEST_FILE).to_pylist()
     assert (row["caption_source"], row["sync_source"]) == ("model:tiny-blip", "syncnet")

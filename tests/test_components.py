@@ -10,20 +10,19 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from multitalk_model.checkpoints import _original_name, build_model, export_audio_weights
+from multitalk_model.checkpoints import build_model, export_audio_weights, original_key
 from multitalk_model.components import (
-    AUDIO_FIELDS,
     encode_image,
     encode_prompt,
     load_components,
     vae_decode,
     vae_encode,
 )
-from multitalk_model.config import get_preset
+from multitalk_model.config import AUDIO_FIELDS, get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_model import main as build_tiny_main
-from multitalk_model.transformer import model_kwargs
 from multitalk_model.wav2vec import audio_windows
+from tests.helpers import transformer_inputs
 
 TINY = get_preset("tiny")
 TINY_AUDIO_CONFIG = {field: getattr(TINY, field) for field in AUDIO_FIELDS}
@@ -59,17 +58,6 @@ def linked_model_dir(tiny_dir: Path, root: Path, leave_out: set[str]) -> Path:
         if entry.name not in leave_out:
             (root / entry.name).symlink_to(entry)
     return root
-
-
-def transformer_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(1, TINY.in_channels, 2, 4, 4, generator=gen),
-        "timestep": torch.tensor([700.0]),
-        "encoder_hidden_states": torch.randn(1, 9, TINY.text_dim, generator=gen),
-        "encoder_hidden_states_image": torch.randn(1, 257, TINY.image_dim, generator=gen),
-        "audio": torch.randn(1, 1, 5, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen),
-    }
 
 
 def test_build_tiny_writes_identical_files_for_a_seed(tiny_dir, tmp_path):
@@ -148,8 +136,7 @@ def test_vae_encode_normalises_like_diffusers_and_vae_decode_inverts_it(componen
 
 def write_diffusers_wan(model, transformer_dir: Path) -> None:
     """Form (2): diffusers' plain Wan transformer holding the base weights."""
-    base_kwargs = {k: v for k, v in model_kwargs(TINY).items() if k not in AUDIO_FIELDS and k != "text_len"}
-    wan = WanTransformer3DModel(**base_kwargs)
+    wan = WanTransformer3DModel(**TINY.wan_kwargs())
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if k in wan.state_dict()}, strict=True)
     wan.save_pretrained(transformer_dir)
 
@@ -158,7 +145,7 @@ def write_original_wan(model, transformer_dir: Path) -> None:
     """Form (3): an original-format Wan2.1 folder (WanModel config.json, named shards + index) with the base weights."""
     transformer_dir.mkdir()
     audio = set(model.audio_parameter_names())
-    base = {_original_name(k)[0]: v.contiguous() for k, v in model.state_dict().items() if k not in audio}
+    base = {original_key(k)[0]: v.contiguous() for k, v in model.state_dict().items() if k not in audio}
     shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
     save_file(base, str(transformer_dir / shard))
     index = {"metadata": {}, "weight_map": {key: shard for key in base}}
@@ -191,7 +178,7 @@ def test_base_wan_plus_official_audio_weights_loads_the_same_multitalk_model(
 
     loaded = load_components(model_dir)
     assert loaded.config == TINY
-    inputs = transformer_inputs()
+    inputs = transformer_inputs((2, 4, 4))
     with torch.no_grad():
         torch.testing.assert_close(loaded.transformer(**inputs).sample, model(**inputs).sample)
 

@@ -111,7 +111,7 @@ def test_missing_input_file_is_named(tmp_path):
 
 
 def test_frame_num_that_is_not_4n_plus_1_is_rejected(tmp_path):
-    with pytest.raises(JobError, match=r"job\.json: frame_num: frame_num must be 4n\+1, got 80"):
+    with pytest.raises(JobError, match=r"job\.json: frame_num: must be 4n \+ 1 and at least 5 .*, got 80"):
         load_job(_write(tmp_path, {"image": "a.png", "persons": [{"audio": "a.wav"}], "frame_num": 80}))
 
 
@@ -133,7 +133,7 @@ def test_boxes_for_only_some_persons_are_rejected():
         ({"persons": []}, r"persons: List should have at least 1 item"),
         ({"steps": 0}, r"steps: Input should be greater than or equal to 1"),
         ({"audio_guidance": -1.0}, r"audio_guidance: Input should be greater than or equal to 0"),
-        ({"motion_frames": 24}, r"motion_frames: motion_frames must be 4n\+1, got 24"),
+        ({"motion_frames": 24}, r"motion_frames: must be 4n \+ 1 and at least 1 .*, got 24"),
         ({"frame_num": 25}, r"motion_frames must be < frame_num, got 25 >= 25"),
         ({"persons": [{"audio": "a.wav", "box": [10, 0, 5, 10]}]}, r"persons\.0\.box: .*x1 > x0"),
     ],

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -24,6 +23,7 @@ from serving.parallel import (
     remove_guidance_parallel,
     remove_sequence_parallel,
 )
+from tests.helpers import transformer_inputs
 
 TINY = get_preset("tiny")
 RANKS = 2
@@ -40,25 +40,10 @@ SEQUENCE_CASES = {
 
 
 def make_inputs(latent: tuple[int, int, int], persons: int, streams: list[int]) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(persons + latent[2])
-    t, h, w = latent
-    batch, frames = len(streams), TINY.vae_scale * (t - 1) + 1
-    masks = torch.zeros(batch, persons + 1, h, w)
-    columns = torch.arange(w).div(w / persons, rounding_mode="floor")
-    for person in range(persons):
-        masks[:, person, 2:] = (columns == person).float()
-    masks[:, persons, :2] = 1  # the background: the top rows
-    return {
-        "hidden_states": torch.randn(batch, TINY.in_channels, t, h, w, generator=gen),
-        "timestep": torch.full((batch,), 500.0),
-        "encoder_hidden_states": torch.randn(batch, 7, TINY.text_dim, generator=gen),
-        "encoder_hidden_states_image": torch.randn(batch, 257, TINY.image_dim, generator=gen),
-        "audio": torch.randn(
-            batch, persons, frames, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen
-        ),
-        "region_masks": masks if persons > 1 else None,
-        "audio_streams": torch.tensor(streams),
-    }
+    inputs = transformer_inputs(latent, persons=persons, batch=len(streams), seed=persons + latent[2])
+    if persons == 1:
+        inputs["region_masks"] = None
+    return {**inputs, "audio_streams": torch.tensor(streams)}
 
 
 def tiny_transformer():
@@ -156,13 +141,6 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=RANKS, include_dashboard=False)  # conftest turns Ray's token auth off
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def job(shared_media) -> GenerationJob:
     # Text guidance 1: 2 passes per step, which the guidance-parallel group puts one per rank.
     persons = [{"audio": str(shared_media / f"two_people_car_person{i}.WAV")} for i in (1, 2)]
@@ -187,7 +165,6 @@ def single_process_video(model_dir, job, tmp_path_factory) -> np.ndarray:
     return read_video_frames(result.path)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sequence", "guidance"])
 def test_device_group_of_two_generates_the_single_process_video(
     local_ray, model_dir, job, single_process_video, tmp_path, mode

@@ -1,14 +1,13 @@
 """The serving application over real HTTP on 127.0.0.1: Ray Serve running the tiny model on the CPU.
 
 One application serves the whole module (started once: the replicas take a while to import torch); the restart
-test stops and starts it again on the same database and storage.
+test stops and starts it again on the same database and storage. The restart and cancellation tests hold the
+running job at the generator's pause point after its first step, so they interrupt it there on any machine.
 """
 
-import base64
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,14 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
-import websockets.sync.client
 from ray import serve
 
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from serving.app import build_app
 from serving.config import GenerationDefaults, GeneratorScaling, Limits, ServingConfig
 from serving.store import JobStore
+from tests.helpers import Chromium, free_port, local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +33,11 @@ ALICE, BOB, CAROL = "alice-key", "bob-key", "carol-key"
 # smaller still, to keep the module quick.
 FAST = {"steps": 2, "frame_num": 17, "motion_frames": 5, "resolution": [64, 112], "seed": 7}
 SMALL = {"steps": 2, "frame_num": 5, "motion_frames": 1, "resolution": [32, 64]}
-# Long enough to be caught mid-sampling: the restart and cancellation tests stop it between steps.
-LONG = {**FAST, "steps": 50, "resolution": [128, 224]}
+# Interrupted at the pause point after its first step, with steps left to run.
+HELD = {**FAST, "steps": 4}
+STEP_PAUSE = "generator-step"
 FINISHED = {"succeeded", "failed", "cancelled"}
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Service:
@@ -53,7 +46,7 @@ class Service:
     def __init__(self, config: ServingConfig, media: Path) -> None:
         self.config = config
         self.media = media
-        self.base_url = f"http://127.0.0.1:{_free_port()}"
+        self.base_url = f"http://127.0.0.1:{free_port()}"
         self.http = httpx.Client(base_url=self.base_url, timeout=120)
 
     def start(self) -> None:
@@ -104,9 +97,9 @@ class Service:
     def cancel(self, job_id: str, key: str = ALICE) -> httpx.Response:
         return self.http.delete(f"/v1/videos/{job_id}", headers={"Authorization": f"Bearer {key}"})
 
-    def state_in_store(self, job_id: str) -> str:
-        """A job's state read from the database itself (while the application is down)."""
-        return JobStore(self.config.database_url).get(job_id).state
+    def stored(self, job_id: str):
+        """A job's record read from the database itself (while the application is down)."""
+        return JobStore(self.config.database_url).get(job_id)
 
     def jobs(self, key: str = ALICE, **params) -> dict[str, Any]:
         return self.http.get("/v1/videos", params=params, headers={"Authorization": f"Bearer {key}"}).json()
@@ -127,14 +120,13 @@ def service(tmp_path_factory, shared_media):
         generator=GeneratorScaling(num_cpus=1, graceful_shutdown_timeout_s=0),
         generation=GenerationDefaults(defaults=SMALL),
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    running = Service(config, shared_media)
-    serve.start(http_options={"host": "127.0.0.1", "port": int(running.base_url.rsplit(":", 1)[1])})
-    running.start()
-    yield running
-    running.http.close()
-    serve.shutdown()
-    ray.shutdown()
+    with local_ray(num_cpus=2):
+        running = Service(config, shared_media)
+        serve.start(http_options={"host": "127.0.0.1", "port": int(running.base_url.rsplit(":", 1)[1])})
+        running.start()
+        yield running
+        running.http.close()
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +184,17 @@ def test_two_people_car_job_gives_a_25fps_video_with_its_audio(service, shared_m
     assert video_s - 0.01 <= float(streams["audio"]["duration"]) <= video_s + 1024 / 44100 + 0.01
 
 
-def test_restart_finishes_every_accepted_job(service):
-    interrupted = service.submit(LONG).json()["id"]
+def test_restart_finishes_every_accepted_job(service, pause_gate):
+    pause_gate.hold(STEP_PAUSE)
+    interrupted = service.submit(HELD).json()["id"]
     waiting = service.submit(SMALL).json()["id"]
-    service.wait(interrupted, until=lambda job: job["progress_detail"]["step"] >= 1)
+    pause_gate.wait_reached(STEP_PAUSE)
 
-    service.stop()  # mid-job: the generator replica dies between two steps
+    service.stop()  # mid-job: the generator replica dies holding the job after its first step
+    pause_gate.release(STEP_PAUSE)
     # Unfinished: still running, or already requeued by the dispatcher that saw its generator die.
-    assert service.state_in_store(interrupted) in {"running", "queued"}
+    stored = service.stored(interrupted)
+    assert stored.state in {"running", "queued"} and stored.attempts == 1
     service.start()
 
     first, second = service.wait(interrupted), service.wait(waiting)
@@ -207,18 +202,22 @@ def test_restart_finishes_every_accepted_job(service):
     assert second["state"] == "succeeded" and second["attempts"] == 1
 
 
-def test_cancelling_stops_a_running_job_between_steps_and_a_queued_one_at_once(service):
-    running = service.submit(LONG).json()["id"]
+def test_cancelling_stops_a_running_job_between_steps_and_a_queued_one_at_once(service, pause_gate):
+    pause_gate.hold(STEP_PAUSE)
+    running = service.submit(HELD).json()["id"]
     queued = service.submit(SMALL).json()["id"]
-    service.wait(running, until=lambda job: job["progress_detail"]["step"] >= 1)
+    pause_gate.wait_reached(STEP_PAUSE)  # step 1 reported, and answered "go on" before the cancellation
+    assert service.job(running)["progress_detail"]["step"] == 1
 
     response = service.cancel(queued)
     assert response.status_code == 200 and response.json()["state"] == "cancelled"
     response = service.cancel(running)
     assert response.status_code == 202 and response.json()["cancel_requested"]
+    pause_gate.release(STEP_PAUSE)
 
     job = service.wait(running)
-    assert job["state"] == "cancelled" and job["progress_detail"]["step"] < LONG["steps"]
+    # Step 2's report learns of the cancellation; the run stops before step 3.
+    assert job["state"] == "cancelled" and job["progress_detail"]["step"] == 2
     content = service.http.get(f"/v1/videos/{running}/content", headers={"Authorization": f"Bearer {ALICE}"})
     assert content.status_code == 409 and "cancelled" in content.json()["detail"]
     assert service.job(queued)["attempts"] == 0  # never started
@@ -353,72 +352,6 @@ def test_metrics_count_requests_by_route_and_jobs_by_state(service, alice_job):
 
 
 # ---------------------------------------------------------------------------------------------------- web page
-
-
-class Chromium:
-    """Debian's headless chromium with one page, driven over the DevTools protocol."""
-
-    def __init__(self, profile_dir: Path) -> None:
-        log = profile_dir / "chromium.log"
-        self.process = subprocess.Popen(
-            [
-                "chromium",
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                f"--user-data-dir={profile_dir}",
-                "--remote-debugging-port=0",
-                "--window-size=1280,1500",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("w"),
-        )
-        deadline = time.monotonic() + 60
-        while not (found := re.search(r"DevTools listening on ws://127.0.0.1:(\d+)/", log.read_text())):
-            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        targets = httpx.get(f"http://127.0.0.1:{found.group(1)}/json/list").json()
-        page = next(target for target in targets if target["type"] == "page")
-        self.socket = websockets.sync.client.connect(page["webSocketDebuggerUrl"], max_size=None)
-        self._last_id = 0
-
-    def send(self, method: str, **params) -> dict[str, Any]:
-        self._last_id += 1
-        self.socket.send(json.dumps({"id": self._last_id, "method": method, "params": params}))
-        while True:  # events arrive in between; the answer carries our id
-            message = json.loads(self.socket.recv())
-            if message.get("id") == self._last_id:
-                assert "error" not in message, f"{method}: {message['error']}"
-                return message["result"]
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, limit_s: float = 240) -> Any:
-        deadline = time.monotonic() + limit_s
-        while not (value := self.evaluate(expression)):
-            assert time.monotonic() < deadline, f"never true: {expression}"
-            time.sleep(0.2)
-        return value
-
-    def choose_files(self, selector: str, *paths: Path) -> None:
-        root = self.send("DOM.getDocument")["root"]["nodeId"]
-        node = self.send("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
-        self.send("DOM.setFileInputFiles", nodeId=node, files=[str(path) for path in paths])
-
-    def screenshot(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shot = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
-
-    def close(self) -> None:
-        self.socket.close()
-        self.process.terminate()
-        self.process.wait(timeout=30)
 
 
 def test_web_page_shows_regions_then_generates_plays_and_lists_the_video(service, shared_media, tmp_path):

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from multitalk_model.config import PRESETS, check_clip_frames
 from pipelines.schema import Kind
-from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config, require
+from platform_common.config import ConfigError as ConfigError  # what load_config raises, for its callers
+from platform_common.config import (
+    ConfigSection,
+    absolute_location,
+    existing_local_path,
+    read_config,
+    require,
+)
 
 
 class ModelConfig(ConfigSection):
@@ -153,13 +159,10 @@ def load_config(
     config = read_config(path, TrainingConfig, overrides)
     require(path, {"output": config.output, "data.path": config.data.path, "model.model_dir": config.model.model_dir})
     config.output = absolute_location(config.output)
-    config.data.path = absolute_location(config.data.path)
-    config.model.model_dir = absolute_location(config.model.model_dir)
+    config.data.path = existing_local_path(path, "data.path", config.data.path, "directory")
+    config.model.model_dir = existing_local_path(path, "model.model_dir", config.model.model_dir, "directory")
     if config.model.audio_weights:
-        config.model.audio_weights = absolute_location(config.model.audio_weights)
-    for field, folder in (("data.path", config.data.path), ("model.model_dir", config.model.model_dir)):
-        if not Path(folder).is_dir():
-            raise ConfigError(f"{path}: {field}: {folder} is not a directory")
-    if config.model.audio_weights and not Path(config.model.audio_weights).is_file():
-        raise ConfigError(f"{path}: model.audio_weights: {config.model.audio_weights} is not a file")
+        config.model.audio_weights = existing_local_path(
+            path, "model.audio_weights", config.model.audio_weights, "file"
+        )
     return config

@@ -30,6 +30,7 @@ from deepspeed import DeepSpeedEngine
 from multitalk_model.accounting import training_flops, video_tokens
 from multitalk_model.checkpoints import export_audio_weights
 from multitalk_model.config import MultiTalkConfig, get_preset
+from platform_common.pause import pause_point
 from training.checkpointing import restore, save_and_report
 from training.config import TrainingConfig
 from training.data import ClipBatch, ClipStream, CursorTracker, build_loader
@@ -97,7 +98,7 @@ class Worker:
         if config.model.activation_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
-        self.encoders = FrozenEncoders.load(config.model.model_dir, model, self.architecture, self.device, self.dtype)
+        self.encoders = FrozenEncoders.load(config.model.model_dir, self.architecture, self.device, self.dtype)
         params = [param for param in model.parameters() if param.requires_grad]
         # A torch optimizer: DeepSpeed's own would compile kernels first (and gives nothing here that this lacks).
         optimizer = torch.optim.AdamW(
@@ -235,6 +236,7 @@ def train_loop_per_worker(config_values: dict) -> None:
         # Reports are few: Ray Train takes one per worker at a time, and a report is a barrier of all workers.
         if worker.step % schedule.checkpoint_every == 0 or last:
             save_and_report(worker.engine, worker.step, worker.state(), metrics, config)
+            pause_point(f"training-checkpoint-{worker.step}")
         elif worker.step % schedule.log_every == 0:
             ray.train.report(metrics)
 

@@ -7,28 +7,17 @@ branch (adapter, audio norms, audio cross-attentions) is trainable; `check_train
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from multitalk_model.checkpoints import CheckpointError, build_model, key_keeps_fp32, load_weights
+from multitalk_model.components import transformer_weights
 from multitalk_model.config import get_preset
 from multitalk_model.transformer import MultiTalkTransformer3DModel
 from training.config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def transformer_weights(model_dir: str | Path) -> tuple[Path, str]:
-    """The base transformer of a model directory and its key format: diffusers (forms 1-2) or original (form 3)."""
-    transformer_dir = Path(model_dir) / "transformer"
-    config_file = transformer_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing; the model directory needs its transformer/ folder")
-    values = json.loads(config_file.read_text())
-    return transformer_dir, "diffusers" if "_class_name" in values else "original"
 
 
 def build_training_model(config: ModelConfig, device: torch.device | str, seed: int) -> MultiTalkTransformer3DModel:
@@ -51,10 +40,6 @@ def build_training_model(config: ModelConfig, device: torch.device | str, seed: 
             raise CheckpointError(f"{config.audio_weights}: missing audio keys: {', '.join(missing_audio)}")
     else:
         _init_audio_branch(model, dtype, device, seed)
-    with torch.device(device):  # rotary tables are buffers no checkpoint holds: build them for real
-        model.rope = WanRotaryPosEmbed(
-            architecture.attention_head_dim, architecture.patch_size, architecture.rope_max_seq_len
-        )
     for name, param in model.named_parameters():
         param.requires_grad_(name in audio_names)
     check_trainable(model)

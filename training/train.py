@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -16,10 +15,10 @@ if __package__ in (None, ""):
     # Run as a script (also what `ray job submit --working-dir .` does): make the repository importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from platform_common.cluster import connect_ray
 from platform_common.config import add_set_option, parse_sets, write_resolved_config
 from training.config import ConfigError, TrainingConfig, load_config
 from training.loop import EXPORT_FILE, train_loop_per_worker
@@ -31,13 +30,7 @@ RAY_DIR = "ray"  # Ray Train's storage under the output folder: one folder per r
 
 def run(config: TrainingConfig) -> Result:
     """Train on the current Ray (started locally when none is running); returns Ray Train's result."""
-    if not ray.is_initialized():
-        address = config.cluster.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # A Ray of its own, even when another local one is running on this machine.
-            ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
+    connect_ray(config.cluster.ray_address, config.cluster.local_num_cpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.model_dump(),
