@@ -221,10 +221,16 @@ def load_weights(
     if problems:
         raise CheckpointError("checkpoint does not fit the MultiTalk transformer:\n" + "\n".join(problems))
     if any(buffer.is_meta for buffer in model.rope.buffers()):
-        config = model.architecture
-        with torch.device(device):
-            model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
+        build_rotary_tables(model, device)
     return model
+
+
+def build_rotary_tables(model: MultiTalkTransformer3DModel, device: torch.device | str) -> None:
+    """Computes the rotary tables on `device`: buffers made at construction, which no checkpoint holds and which a
+    model built on the meta device (or given storage by `to_empty`) lacks."""
+    config = model.architecture
+    with torch.device(device):
+        model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
 
 
 def _assign(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, device) -> None:
