@@ -468,17 +468,22 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         audio_tokens = self.encode_audio(audio)
         streams = self._stream_counts(audio_streams, batch_size, num_persons, audio.device)
         tokens_per_person = self.config.audio_tokens
+        # Every branch below depends on shapes and on which arguments are given, never on tensor values, so the
+        # forward traces into one graph (torch.compile fullgraph=True, torch.export). A sample with fewer streams
+        # is handled by its row of the key mask, a one-stream sample by L-RoPE label 0 (the identity).
         audio_key_mask = None
-        if (streams < num_persons).any():
+        if audio_streams is not None and num_persons > 1:
             stream_of_token = torch.arange(num_persons, device=audio.device).repeat_interleave(tokens_per_person)
             audio_key_mask = stream_of_token[None] < streams[:, None]
         lrope_samples = streams > 1
         audio_key_labels = region_values = None
-        if lrope_samples.any():  # one person: no L-RoPE and no localisation at all
-            if region_masks is None or region_masks.shape[1] != num_persons + 1:
+        if num_persons > 1 and region_masks is not None:  # one person: no L-RoPE and no localisation at all
+            if region_masks.shape[1] != num_persons + 1:
                 raise ValueError(f"{num_persons} audio streams need region_masks [B, {num_persons + 1}, H, W]")
             audio_key_labels = audio_labels(num_persons, tokens_per_person, audio.device)[None] * lrope_samples[:, None]
             region_values = token_region_masks(region_masks, grid[1:])
+        elif num_persons > 1 and not torch.compiler.is_compiling() and lrope_samples.any():
+            raise ValueError(f"{num_persons} audio streams need region_masks [B, {num_persons + 1}, H, W]")
 
         return BlockStackInputs(
             hidden_states=hidden_states,
@@ -517,7 +522,10 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         if audio_streams is None:
             return torch.full((batch_size,), num_persons, device=device)
         streams = torch.as_tensor(audio_streams, device=device)
-        if streams.shape != (batch_size,) or (streams < 1).any() or (streams > num_persons).any():
+        if streams.shape != (batch_size,):
+            raise ValueError(f"audio_streams must hold {batch_size} counts, got shape {list(streams.shape)}")
+        # The range check reads the values: eager only (a compiled or exported graph takes them as given).
+        if not torch.compiler.is_compiling() and ((streams < 1).any() or (streams > num_persons).any()):
             raise ValueError(
                 f"audio_streams must hold {batch_size} counts in [1, {num_persons}], got {streams.tolist()}"
             )
