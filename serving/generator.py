@@ -61,14 +61,26 @@ def build_runner(config: ServingConfig) -> Runner:
             mode=config.parallel_mode,
             use_gpu=config.device == "cuda",
             face_detector=config.face_detector,
-            dtype=getattr(torch, config.dtype),
+            shard_weights=config.shard_weights,
+            **pipeline_options(config),
         )
     return MultiTalkPipeline.from_model_dir(
         config.model_dir,
         device=config.device,
-        dtype=getattr(torch, config.dtype),
         face_detector=build_face_detector(config.face_detector),
+        **pipeline_options(config),
     )
+
+
+def pipeline_options(config: ServingConfig) -> dict[str, Any]:
+    """`MultiTalkPipeline.from_model_dir` arguments from the config (the device and face detector aside)."""
+    return {
+        "dtype": getattr(torch, config.dtype),
+        "low_memory": config.offload == "group",
+        "quantization": config.quantization,
+        "compile_blocks": config.device == "cuda" if config.compile is None else config.compile,
+        "attention_backend": config.attention_backend,
+    }
 
 
 def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Path) -> GenerationJob:
