@@ -45,9 +45,13 @@ def self_attention_projections(
     attn: AttentionModuleMixin, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wan self-attention's queries and keys (normalised, then rotated) and values: [B, L, H, D] each."""
-    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if getattr(attn, "fused_projections", False):  # after `fuse_qkv_projections()`: one matmul for all three
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
     if rotary_emb is not None:
         query = apply_wan_rope(query, *rotary_emb)
         key = apply_wan_rope(key, *rotary_emb)
@@ -104,8 +108,12 @@ def frame_local_audio_attention(
     """Video tokens [B, T*S, dim] (T whole latent frames, frame-major) attend to their own frame's audio tokens
     [B, T, N, C]; returns [B, T*S, dim] after the output projection. Label RoPE on queries and keys when given."""
     batch, num_frames, num_audio = audio_tokens.shape[:3]
-    key = attn.to_k(audio_tokens).unflatten(-1, (attn.heads, -1))  # [B, T, N, H, D]
-    value = attn.to_v(audio_tokens).unflatten(-1, (attn.heads, -1))
+    if getattr(attn, "fused_projections", False):  # after `fuse_qkv_projections()`: keys and values in one matmul
+        key, value = attn.to_kv(audio_tokens).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(audio_tokens), attn.to_v(audio_tokens)
+    key = key.unflatten(-1, (attn.heads, -1))  # [B, T, N, H, D]
+    value = value.unflatten(-1, (attn.heads, -1))
     if query_labels is None and attn.heads * num_audio < hidden_states.shape[-1]:
         states = hidden_states.unflatten(1, (num_frames, -1))
         return _attention_with_folded_projections(attn, states, key, value, key_mask).flatten(1, 2)
@@ -143,15 +151,19 @@ def _attention_with_folded_projections(
     heads, head_dim = attn.heads, attn.head_dim
     dim = heads * head_dim
     scale = head_dim**-0.5
-    query_weight = attn.to_q.weight.view(heads, head_dim, dim)
+    # The weights are read here, outside their layers' forward: cast them as those layers' hooks would (layerwise
+    # casting stores them in float8).
+    query_weight = attn.to_q.weight.to(key.dtype).view(heads, head_dim, dim)
+    query_bias = attn.to_q.bias.to(key.dtype).view(heads, head_dim)
+    out_weight = attn.to_out.weight.to(value.dtype).view(dim, heads, head_dim)
     keys = torch.einsum("btnhe,hed->bthnd", key, query_weight).flatten(2, 3) * scale  # [B, T, H*N, dim]
-    key_bias = torch.einsum("btnhe,he->bthn", key, attn.to_q.bias.view(heads, head_dim)).flatten(2, 3) * scale
-    values = torch.einsum("btnhe,dhe->bthnd", value, attn.to_out.weight.view(dim, heads, head_dim)).flatten(2, 3)
+    key_bias = torch.einsum("btnhe,he->bthn", key, query_bias).flatten(2, 3) * scale
+    values = torch.einsum("btnhe,dhe->bthnd", value, out_weight).flatten(2, 3)
     logits = (hidden_states @ keys.transpose(-1, -2) + key_bias[:, :, None]).unflatten(-1, (heads, -1))
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, None], float("-inf"))
     probs = logits.float().softmax(-1).to(values.dtype).flatten(-2)  # [B, T, S, H*N]
-    return (probs @ values + attn.to_out.bias).type_as(hidden_states)
+    return (probs @ values + attn.to_out.bias.to(values.dtype)).type_as(hidden_states)
 
 
 class MultiTalkAudioAttnProcessor:
@@ -179,6 +191,10 @@ class MultiTalkAudioAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = MultiTalkAudioAttnProcessor
     _available_processors = [MultiTalkAudioAttnProcessor]
+    # Queries come from the video, keys and values from the audio (another width): QKV fusion (diffusers'
+    # `fuse_projections`) joins only the key and value projections, into `to_kv`.
+    is_cross_attention = True
+    use_bias = True
 
     def __init__(self, dim: int, audio_dim: int, heads: int, processor: Any = None) -> None:
         super().__init__()
