@@ -77,8 +77,12 @@ class _GenerationRank:
         self.world_size = world_size
         self.shard = shard
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray shows each actor only its own GPU
+        # A sharding rank loads on the CPU: its device need not hold the whole model, only the shards.
         self.pipeline = MultiTalkPipeline.from_model_dir(
-            model_dir, device=self.device, face_detector=build_face_detector(face_detector), **pipeline_kwargs
+            model_dir,
+            device="cpu" if shard else self.device,
+            face_detector=build_face_detector(face_detector),
+            **pipeline_kwargs,
         )
         self._store: dist.TCPStore | None = None
         self._lock = threading.Lock()
@@ -104,7 +108,13 @@ class _GenerationRank:
             backend, store=store, rank=self.rank, world_size=self.world_size, timeout=_COLLECTIVE_TIMEOUT
         )
         if self.shard:
-            shard_weights(self.pipeline.components, init_device_mesh(self.device.type, (self.world_size,)))
+            components = self.pipeline.components
+            shard_weights(components, init_device_mesh(self.device.type, (self.world_size,)))
+            # The shards now sit on the mesh's device; the unsharded rest follows them there.
+            for module in (components.transformer, components.vae, components.image_encoder):
+                module.to(self.device)
+            components.audio_encoder.model.to(self.device)
+            self.pipeline.device = self.device
         _APPLY[mode](self.pipeline.components.transformer)
 
     def generate(

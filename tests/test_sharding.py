@@ -2,7 +2,8 @@
 
 Alone and combined with sequence or guidance parallel, the sharded transformer's forward equals the single-process
 forward; the sharded text encoder's states equal the whole one's; a sharded pipeline (with sequence parallel)
-generates the single-process frames; and each rank holds half of the block and text-encoder weights.
+generates the single-process frames, and so does a Ray device group configured to shard; each rank holds half of
+the block and text-encoder weights.
 """
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -22,6 +24,8 @@ from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.generation import MultiTalkPipeline
 from multitalk_model.guidance import GuidanceScales, GuidedDenoiser
 from multitalk_model.jobs import GenerationJob
+from multitalk_model.media import read_video_frames
+from serving.device_group import DeviceGroup
 from serving.parallel import apply_guidance_parallel, apply_sequence_parallel
 from serving.sharding import local_parameter_bytes, shard_transformer, shard_weights
 
@@ -162,3 +166,24 @@ def test_sharded_pipeline_generates_the_whole_pipelines_frames(rank_results):
         # With sequence parallel the attention sums in another order: a grey level may round the other way.
         difference = (results["frames sharded + sequence"].int() - whole.int()).abs()
         assert difference.max() <= 1, f"rank {rank}"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=RANKS, include_dashboard=False)  # conftest turns Ray's token auth off
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_sharded_device_group_generates_the_single_process_video(local_ray, model_dir, tmp_path):
+    job = GenerationJob.model_validate_json((model_dir.parent / "job.json").read_text())
+    group = DeviceGroup(model_dir, num_devices=RANKS, mode="sequence", use_gpu=False, shard_weights=True)
+    try:
+        result = group.generate(job, tmp_path / "video.mp4")
+    finally:
+        group.shutdown()
+    single = MultiTalkPipeline.from_model_dir(model_dir).generate(job, tmp_path / "single.mp4")
+    frames, single_frames = read_video_frames(result.path), read_video_frames(single.path)
+    assert frames.shape == single_frames.shape == (17, 64, 112, 3)
+    assert np.abs(frames.astype(float) - single_frames.astype(float)).mean() < 1.0  # grey levels
