@@ -1,6 +1,9 @@
 """The memory plan from shapes, its command line, and the serving config refusing what cannot fit."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from multitalk_model.accounting import parameter_counts
@@ -9,6 +12,7 @@ from multitalk_model.plan_memory import GiB, Options, main, parse_bytes, plan
 from serving.config import ServingConfig
 
 BIG = get_preset("multitalk-14b")
+INFRA = Path(__file__).resolve().parents[1] / "infra" / "kuberay"
 
 
 def test_memory_sizes_parse_in_both_units():
@@ -71,3 +75,13 @@ def test_serving_config_refuses_a_combination_that_cannot_fit():
         serving_config(device="cpu", quantization="fp8")
     with pytest.raises(ValidationError, match="do not combine"):
         serving_config(devices_per_replica=2, shard_weights=True, offload="group")
+
+
+@pytest.mark.parametrize("fleet", ["1x24gb", "1x80gb", "8x80gb"])
+def test_kuberay_examples_are_valid_serving_configs_that_fit(fleet):
+    manifest = yaml.safe_load((INFRA / f"rayservice-{fleet}.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    config = ServingConfig.model_validate(serve_config["applications"][0]["args"])
+    assert config.gpu_memory is not None and config.memory_plan().fits
+    gpus = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][-1]["template"]["spec"]["containers"][0]
+    assert gpus["resources"]["limits"]["nvidia.com/gpu"] == str(config.devices_per_replica)
