@@ -138,7 +138,8 @@ class ServingConfig(BaseModel):
         description="group: diffusers block-level group offloading of the transformer, the text encoder on the CPU.",
     )
     compile: bool | None = Field(
-        default=None, description="Regional torch.compile of the transformer blocks; None = on for cuda, off for cpu."
+        default=None,
+        description="Regional torch.compile of the transformer blocks; None = on for one cuda device per replica.",
     )
     attention_backend: str | None = Field(
         default=None, description="diffusers attention backend (flash, sage, native, ...); None = the default."

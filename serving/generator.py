@@ -78,7 +78,10 @@ def pipeline_options(config: ServingConfig) -> dict[str, Any]:
         "dtype": getattr(torch, config.dtype),
         "low_memory": config.offload == "group",
         "quantization": config.quantization,
-        "compile_blocks": config.device == "cuda" if config.compile is None else config.compile,
+        # Off by default in device groups: their collectives run inside the blocks, untested under compile.
+        "compile_blocks": config.compile
+        if config.compile is not None
+        else config.device == "cuda" and config.devices_per_replica == 1,
         "attention_backend": config.attention_backend,
     }
 
