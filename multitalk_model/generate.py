@@ -63,7 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="merge a LoRA (e.g. a few-step distillation LoRA) into the transformer; repeatable",
     )
     parser.add_argument("--attention-backend", default=None, help="diffusers attention backend, e.g. flash, native")
-    parser.add_argument("--low-memory", action="store_true", help="keep only the running component on the device")
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="group-offload the transformer's blocks (diffusers), keep the other components on the CPU until they run",
+    )
+    parser.add_argument(
+        "--quantization", choices=["none", "int8", "fp8"], default="none", help="torchao weights of the blocks"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="regional torch.compile of the transformer blocks (default: on for cuda)",
+    )
     parser.add_argument("--preview", type=Path, default=None, help="write the person regions over the image here")
     parser.add_argument("--resolution", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None)
     parser.add_argument("--apg", action="store_true", help="adaptive projected guidance")
@@ -130,6 +143,8 @@ def _generate(job: GenerationJob, args: argparse.Namespace) -> int:
         loras=[parse_lora(spec) for spec in args.lora],
         low_memory=args.low_memory,
         attention_backend=args.attention_backend,
+        quantization=args.quantization,
+        compile_blocks=str(args.device).startswith("cuda") if args.compile is None else args.compile,
     )
     bar = tqdm(total=None, unit="step")
 

@@ -42,6 +42,8 @@ from .guidance import TEACACHE_COEFFICIENTS, APGState, GuidanceScales, GuidedDen
 from .jobs import GenerationJob
 from .lora import merge_lora
 from .media import MediaError, load_image, write_video
+from .offload import offload_transformer_blocks
+from .quantization import Quantization, quantize_transformer
 from .regions import (
     Box,
     draw_regions_preview,
@@ -126,14 +128,26 @@ class MultiTalkPipeline:
         face_detector: FaceDetector | None = None,
         low_memory: bool = False,
         attention_backend: str | None = None,
+        quantization: Quantization = "none",
+        compile_blocks: bool = False,
     ) -> None:
-        """low_memory keeps every component on the CPU and moves each to `device` only while it runs."""
+        """low_memory keeps the transformer's blocks on the CPU, each onloaded while it runs (diffusers' group
+        offloading), and every other component on the CPU, moved to `device` only while it runs. quantization:
+        torchao int8 / fp8 weights of the blocks' linear layers (quantization.py). compile_blocks: regional
+        torch.compile, each block compiled once for all (`compile_repeated_blocks`). attention_backend: a diffusers
+        attention dispatcher backend (flash, sage, native, ...)."""
         self.components = components
         self.device = torch.device(device)
         self.low_memory = low_memory
         self._face_detector = face_detector
+        transformer = components.transformer
+        quantize_transformer(transformer, quantization)
+        if low_memory:
+            offload_transformer_blocks(transformer, self.device)
         if attention_backend is not None:
-            components.transformer.set_attention_backend(attention_backend)
+            transformer.set_attention_backend(attention_backend)
+        if compile_blocks:
+            transformer.compile_repeated_blocks(fullgraph=True)
 
     @classmethod
     def from_model_dir(
@@ -357,8 +371,9 @@ class MultiTalkPipeline:
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
-        """In low-memory mode, moves a component to the device for the duration of its work, then back."""
-        if not self.low_memory:
+        """In low-memory mode, moves a component to the device for the duration of its work, then back (the
+        transformer's blocks move by themselves)."""
+        if not self.low_memory or module is self.components.transformer:
             yield
             return
         module.to(self.device)

@@ -47,9 +47,13 @@ def self_attention_projections(
     attn: AttentionModuleMixin, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wan self-attention's queries and keys (normalised, then rotated) and values: [B, L, H, D] each."""
-    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if getattr(attn, "fused_projections", False):  # after `fuse_qkv_projections()`: one matmul for all three
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
     if rotary_emb is not None:
         query = apply_wan_rope(query, *rotary_emb)
         key = apply_wan_rope(key, *rotary_emb)
@@ -106,8 +110,12 @@ def frame_local_audio_attention(
     """Video tokens [B, T*S, dim] (T whole latent frames, frame-major) attend to their own frame's audio tokens
     [B, T, N, C]; returns [B, T*S, dim] after the output projection. Label RoPE on queries and keys when given."""
     batch, num_frames, num_audio = audio_tokens.shape[:3]
-    key = attn.to_k(audio_tokens).unflatten(-1, (attn.heads, -1))  # [B, T, N, H, D]
-    value = attn.to_v(audio_tokens).unflatten(-1, (attn.heads, -1))
+    if getattr(attn, "fused_projections", False):  # after `fuse_qkv_projections()`: keys and values in one matmul
+        key, value = attn.to_kv(audio_tokens).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(audio_tokens), attn.to_v(audio_tokens)
+    key = key.unflatten(-1, (attn.heads, -1))  # [B, T, N, H, D]
+    value = value.unflatten(-1, (attn.heads, -1))
     if query_labels is None and attn.heads * num_audio < hidden_states.shape[-1]:
         states = hidden_states.unflatten(1, (num_frames, -1))
         return _attention_with_folded_projections(attn, states, key, value, key_mask).flatten(1, 2)
@@ -145,15 +153,19 @@ def _attention_with_folded_projections(
     heads, head_dim = attn.heads, attn.head_dim
     dim = heads * head_dim
     scale = head_dim**-0.5
-    query_weight = attn.to_q.weight.view(heads, head_dim, dim)
+    # The weights are read here, outside their layers' forward: cast them as those layers' hooks would (layerwise
+    # casting stores them in float8).
+    query_weight = attn.to_q.weight.to(key.dtype).view(heads, head_dim, dim)
+    query_bias = attn.to_q.bias.to(key.dtype).view(heads, head_dim)
+    out_weight = attn.to_out.weight.to(value.dtype).view(dim, heads, head_dim)
     keys = torch.einsum("btnhe,hed->bthnd", key, query_weight).flatten(2, 3) * scale  # [B, T, H*N, dim]
-    key_bias = torch.einsum("btnhe,he->bthn", key, attn.to_q.bias.view(heads, head_dim)).flatten(2, 3) * scale
-    values = torch.einsum("btnhe,dhe->bthnd", value, attn.to_out.weight.view(dim, heads, head_dim)).flatten(2, 3)
+    key_bias = torch.einsum("btnhe,he->bthn", key, query_bias).flatten(2, 3) * scale
+    values = torch.einsum("btnhe,dhe->bthnd", value, out_weight).flatten(2, 3)
     logits = (hidden_states @ keys.transpose(-1, -2) + key_bias[:, :, None]).unflatten(-1, (heads, -1))
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, None], float("-inf"))
     probs = logits.float().softmax(-1).to(values.dtype).flatten(-2)  # [B, T, S, H*N]
-    return (probs @ values + attn.to_out.bias).type_as(hidden_states)
+    return (probs @ values + attn.to_out.bias.to(values.dtype)).type_as(hidden_states)
 
 
 class MultiTalkAudioAttnProcessor:
@@ -181,6 +193,10 @@ class MultiTalkAudioAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = MultiTalkAudioAttnProcessor
     _available_processors = [MultiTalkAudioAttnProcessor]
+    # Queries come from the video, keys and values from the audio (another width): QKV fusion (diffusers'
+    # `fuse_projections`) joins only the key and value projections, into `to_kv`.
+    is_cross_attention = True
+    use_bias = True
 
     def __init__(self, dim: int, audio_dim: int, heads: int, processor: Any = None) -> None:
         super().__init__()
@@ -462,17 +478,22 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         audio_tokens = self.encode_audio(audio)
         streams = self._stream_counts(audio_streams, batch_size, num_persons, audio.device)
         tokens_per_person = self.config.audio_tokens
+        # Every branch below depends on shapes and on which arguments are given, never on tensor values, so the
+        # forward traces into one graph (torch.compile fullgraph=True, torch.export). A sample with fewer streams
+        # is handled by its row of the key mask, a one-stream sample by L-RoPE label 0 (the identity).
         audio_key_mask = None
-        if (streams < num_persons).any():
+        if audio_streams is not None and num_persons > 1:
             stream_of_token = torch.arange(num_persons, device=audio.device).repeat_interleave(tokens_per_person)
             audio_key_mask = stream_of_token[None] < streams[:, None]
         lrope_samples = streams > 1
         audio_key_labels = region_values = None
-        if lrope_samples.any():  # one person: no L-RoPE and no localisation at all
-            if region_masks is None or region_masks.shape[1] != num_persons + 1:
+        if num_persons > 1 and region_masks is not None:  # one person: no L-RoPE and no localisation at all
+            if region_masks.shape[1] != num_persons + 1:
                 raise ValueError(f"{num_persons} audio streams need region_masks [B, {num_persons + 1}, H, W]")
             audio_key_labels = audio_labels(num_persons, tokens_per_person, audio.device)[None] * lrope_samples[:, None]
             region_values = token_region_masks(region_masks, grid[1:])
+        elif num_persons > 1 and not torch.compiler.is_compiling() and lrope_samples.any():
+            raise ValueError(f"{num_persons} audio streams need region_masks [B, {num_persons + 1}, H, W]")
 
         return BlockStackInputs(
             hidden_states=hidden_states,
@@ -511,7 +532,10 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         if audio_streams is None:
             return torch.full((batch_size,), num_persons, device=device)
         streams = torch.as_tensor(audio_streams, device=device)
-        if streams.shape != (batch_size,) or (streams < 1).any() or (streams > num_persons).any():
+        if streams.shape != (batch_size,):
+            raise ValueError(f"audio_streams must hold {batch_size} counts, got shape {list(streams.shape)}")
+        # The range check reads the values: eager only (a compiled or exported graph takes them as given).
+        if not torch.compiler.is_compiling() and ((streams < 1).any() or (streams > num_persons).any()):
             raise ValueError(
                 f"audio_streams must hold {batch_size} counts in [1, {num_persons}], got {streams.tolist()}"
             )

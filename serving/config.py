@@ -14,7 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
 
+from multitalk_model.config import get_preset
 from multitalk_model.jobs import GenerationJob
+from multitalk_model.plan_memory import DevicePlan, GiB, Options, parse_bytes, plan
 from multitalk_model.regions import PackagedFaceDetectorKind
 
 API_KEYS_ENV = "MULTITALK_API_KEYS"
@@ -127,6 +129,36 @@ class ServingConfig(BaseModel):
         default="sequence",
         description="How a device group shards a job: tokens across ranks (sequence) or guidance passes (guidance).",
     )
+    shard_weights: bool = Field(
+        default=False,
+        description="FSDP2: each of a replica's devices holds 1/K of the transformer blocks and the text encoder.",
+    )
+    quantization: Literal["none", "int8", "fp8"] = Field(
+        default="none",
+        description="torchao weight quantisation of the transformer blocks' linear layers (fp8 needs a GPU).",
+    )
+    offload: Literal["none", "group"] = Field(
+        default="none",
+        description="group: diffusers block-level group offloading of the transformer, the text encoder on the CPU.",
+    )
+    compile: bool | None = Field(
+        default=None,
+        description="Regional torch.compile of the transformer blocks; None = on for one cuda device per replica.",
+    )
+    attention_backend: str | None = Field(
+        default=None, description="diffusers attention backend (flash, sage, native, ...); None = the default."
+    )
+    gpu_memory: str | None = Field(
+        default=None,
+        description="Memory of one device (24GiB, 80GB); when set, a configuration the memory plan says cannot "
+        "fit is refused at start (python -m multitalk_model.plan_memory lists what fits).",
+    )
+    memory_plan_model: str = Field(
+        default="multitalk-14b", description="Model preset the memory plan assumes (multitalk_model.config)."
+    )
+    memory_plan_resolution: Literal["480p", "720p"] = Field(
+        default="480p", description="Largest size the memory plan must fit (81 frames of its largest bucket)."
+    )
     face_detector: PackagedFaceDetectorKind = Field(
         default="auto", description="Detector that finds persons in images without boxes."
     )
@@ -175,6 +207,49 @@ class ServingConfig(BaseModel):
                 "an in-memory SQLite database is not shared between replicas: give a file, sqlite:///jobs.db"
             )
         return url
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> ServingConfig:
+        if self.quantization == "fp8" and self.device != "cuda":
+            raise ValueError("quantization: fp8 needs a GPU (device: cuda); int8 runs on cpu too")
+        if self.offload == "group" and self.shard_weights:
+            raise ValueError("offload: group and shard_weights do not combine (a sharded replica offloads nothing)")
+        if self.gpu_memory is not None:
+            device_plan = self.memory_plan()
+            if not device_plan.fits:
+                raise ValueError(
+                    f"gpu_memory: {self.devices_per_replica} x {self.gpu_memory} cannot hold "
+                    f"{self.memory_plan_model} at {self.memory_plan_resolution} with {device_plan.options.describe()}"
+                    f": about {device_plan.peak / GiB:.1f} GiB per device, {device_plan.capacity / GiB:.1f} GiB "
+                    "usable; see python -m multitalk_model.plan_memory for the combinations that fit"
+                )
+        return self
+
+    def memory_plan(self) -> DevicePlan:
+        """What one device of a replica holds with these options (needs gpu_memory)."""
+        if self.gpu_memory is None:
+            raise ValueError("the memory plan needs gpu_memory")
+        options = Options(
+            sharding=self.shard_weights and self.devices_per_replica > 1,
+            quantization=self.quantization,
+            offload=self.offload,
+            parallel=self.parallel_mode,
+        )
+        return plan(
+            options,
+            self.devices_per_replica,
+            parse_bytes(self.gpu_memory),
+            get_preset(self.memory_plan_model),
+            self.memory_plan_resolution,
+            dtype=self.dtype,
+        )
 
     @field_validator("api_keys")
     @classmethod

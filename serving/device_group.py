@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch.distributed.device_mesh import init_device_mesh
 
 from multitalk_model.faces import build_face_detector
 from multitalk_model.generation import (
@@ -44,6 +45,7 @@ from multitalk_model.jobs import GenerationJob
 from multitalk_model.regions import PackagedFaceDetectorKind
 
 from .parallel import apply_guidance_parallel, apply_sequence_parallel
+from .sharding import shard_weights
 
 ParallelMode = Literal["sequence", "guidance"]
 _APPLY = {"sequence": apply_sequence_parallel, "guidance": apply_guidance_parallel}
@@ -68,13 +70,19 @@ class _GenerationRank:
         world_size: int,
         use_gpu: bool,
         face_detector: PackagedFaceDetectorKind,  # built on each rank: detectors do not travel between processes
+        shard: bool,
         pipeline_kwargs: dict[str, Any],
     ) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.shard = shard
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray shows each actor only its own GPU
+        # A sharding rank loads on the CPU: its device need not hold the whole model, only the shards.
         self.pipeline = MultiTalkPipeline.from_model_dir(
-            model_dir, device=self.device, face_detector=build_face_detector(face_detector), **pipeline_kwargs
+            model_dir,
+            device="cpu" if shard else self.device,
+            face_detector=build_face_detector(face_detector),
+            **pipeline_kwargs,
         )
         self._store: dist.TCPStore | None = None
         self._lock = threading.Lock()
@@ -90,7 +98,8 @@ class _GenerationRank:
         return self._store.port
 
     def join(self, port: int, mode: ParallelMode) -> None:
-        """Joins the process group through rank 0's store and parallelises the transformer."""
+        """Joins the process group through rank 0's store, shards the weights if asked and parallelises the
+        transformer."""
         store = self._store or dist.TCPStore(
             "127.0.0.1", port, self.world_size, is_master=False, timeout=_COLLECTIVE_TIMEOUT
         )
@@ -98,6 +107,14 @@ class _GenerationRank:
         dist.init_process_group(
             backend, store=store, rank=self.rank, world_size=self.world_size, timeout=_COLLECTIVE_TIMEOUT
         )
+        if self.shard:
+            components = self.pipeline.components
+            shard_weights(components, init_device_mesh(self.device.type, (self.world_size,)))
+            # The shards now sit on the mesh's device; the unsharded rest follows them there.
+            for module in (components.transformer, components.vae, components.image_encoder):
+                module.to(self.device)
+            components.audio_encoder.model.to(self.device)
+            self.pipeline.device = self.device
         _APPLY[mode](self.pipeline.components.transformer)
 
     def generate(
@@ -141,9 +158,11 @@ class DeviceGroup:
 
     mode "sequence" splits the video tokens over the ranks (the model's head count must divide by K); "guidance"
     puts the guidance passes on separate ranks (a job's passes per step, 3, or 2 with text_guidance 1, must divide
-    by K). `placement_group`: the caller's own, whose last K bundles hold the devices; None creates one on the
-    caller's node, removed by `shutdown`. `face_detector` names the detector each rank builds; `pipeline_kwargs`
-    go to `MultiTalkPipeline.from_model_dir` (dtype, loras, attention_backend, low_memory). Jobs run one at a time.
+    by K). `shard_weights`: FSDP2, each rank holds 1/K of the transformer blocks and the text encoder
+    (`serving.sharding`). `placement_group`: the caller's own, whose last K bundles hold the devices; None creates
+    one on the caller's node, removed by `shutdown`. `face_detector` names the detector each rank builds;
+    `pipeline_kwargs` go to `MultiTalkPipeline.from_model_dir` (dtype, loras, attention_backend, low_memory,
+    quantization, compile_blocks). Jobs run one at a time.
     """
 
     def __init__(
@@ -155,6 +174,7 @@ class DeviceGroup:
         placement_group: PlacementGroup | None = None,
         poll_interval_s: float = 0.2,
         face_detector: PackagedFaceDetectorKind = "auto",
+        shard_weights: bool = False,
         **pipeline_kwargs: Any,
     ) -> None:
         if mode not in _APPLY:
@@ -167,6 +187,7 @@ class DeviceGroup:
         self.poll_interval_s = poll_interval_s
         self._model_dir = str(model_dir)
         self._face_detector = face_detector
+        self._shard_weights = shard_weights
         self._pipeline_kwargs = pipeline_kwargs
         self._owns_placement_group = placement_group is None
         self._placement_group = placement_group or self._create_placement_group()
@@ -283,7 +304,15 @@ class DeviceGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._placement_group, placement_group_bundle_index=first_bundle + rank
                 ),
-            ).remote(self._model_dir, rank, self.num_devices, self.use_gpu, self._face_detector, self._pipeline_kwargs)
+            ).remote(
+                self._model_dir,
+                rank,
+                self.num_devices,
+                self.use_gpu,
+                self._face_detector,
+                self._shard_weights,
+                self._pipeline_kwargs,
+            )
             for rank in range(self.num_devices)
         ]
         try:

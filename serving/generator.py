@@ -65,14 +65,29 @@ def build_runner(config: ServingConfig) -> Runner:
             mode=config.parallel_mode,
             use_gpu=config.device == "cuda",
             face_detector=config.face_detector,
-            dtype=getattr(torch, config.dtype),
+            shard_weights=config.shard_weights,
+            **pipeline_options(config),
         )
     return MultiTalkPipeline.from_model_dir(
         config.model_dir,
         device=config.device,
-        dtype=getattr(torch, config.dtype),
         face_detector=build_face_detector(config.face_detector),
+        **pipeline_options(config),
     )
+
+
+def pipeline_options(config: ServingConfig) -> dict[str, Any]:
+    """`MultiTalkPipeline.from_model_dir` arguments from the config (the device and face detector aside)."""
+    return {
+        "dtype": getattr(torch, config.dtype),
+        "low_memory": config.offload == "group",
+        "quantization": config.quantization,
+        # Off by default in device groups: their collectives run inside the blocks, untested under compile.
+        "compile_blocks": config.compile
+        if config.compile is not None
+        else config.device == "cuda" and config.devices_per_replica == 1,
+        "attention_backend": config.attention_backend,
+    }
 
 
 def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Path) -> GenerationJob:

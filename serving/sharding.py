@@ -1,0 +1,58 @@
+"""FSDP2 weight sharding inside a device group: each of the K ranks holds ~1/K of the big weights.
+
+    mesh = init_device_mesh("cuda", (K,))          # "cpu" with gloo works the same way
+    shard_weights(pipeline.components, mesh)        # then, if wanted, apply_sequence_parallel / _guidance_parallel
+
+`torch.distributed.fsdp.fully_shard` is applied per transformer block and per umT5 block (and to the umT5 root,
+which holds the 256k x 4096 token embedding): each keeps 1/K of every weight, all-gathers the block's weights just
+before it runs and frees them right after (`reshard_after_forward=True`), so a rank's peak holds its shards plus
+one block. It is orthogonal to `serving.parallel`: every rank runs every block (on its chunk of the tokens or its
+share of the guidance passes), so the all-gathers line up across ranks. This is the reference's `--dit_fsdp
+--t5_fsdp` with Ulysses.
+
+The transformer's own root (patch and condition embeddings, audio adapter, output head: 1% of the 14B model) stays
+whole on every rank: the pipeline calls `embed` and `finalize` directly (the step-cache seam), outside the forward
+hooks FSDP gathers on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import UMT5EncoderModel
+
+from multitalk_model.components import MultiTalkComponents
+from multitalk_model.transformer import MultiTalkTransformer3DModel
+
+
+def shard_weights(components: MultiTalkComponents, mesh: DeviceMesh) -> None:
+    """Shards the transformer blocks and the text encoder over `mesh` in place; shards move to the mesh's device."""
+    shard_transformer(components.transformer, mesh)
+    shard_text_encoder(components.text_encoder, mesh)
+
+
+def shard_transformer(transformer: MultiTalkTransformer3DModel, mesh: DeviceMesh) -> None:
+    """One FSDP2 unit per block; the root's few weights stay whole (see the module docstring)."""
+    for block in transformer.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+
+
+def shard_text_encoder(text_encoder: UMT5EncoderModel, mesh: DeviceMesh) -> None:
+    """One FSDP2 unit per umT5 block and one for the rest (the token embedding, the final norm)."""
+    for block in text_encoder.encoder.block:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(text_encoder, mesh=mesh, reshard_after_forward=True)
+
+
+def local_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: the local shard of a sharded one, all of a whole one."""
+    total = 0
+    for param in module.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        total += local.numel() * local.element_size()
+    return total
+
+
+__all__ = ["local_parameter_bytes", "shard_text_encoder", "shard_transformer", "shard_weights"]
