@@ -45,8 +45,10 @@ from .lora import merge_lora
 from .media import MediaError, load_image, write_video
 from .regions import (
     Box,
+    default_halves,
     draw_regions_preview,
     locate_persons,
+    reference_resize_masks,
     region_masks,
     resize_and_center_crop,
     target_size,
@@ -212,6 +214,8 @@ class MultiTalkPipeline:
             region_source = "boxes"
         elif num_persons == 1:
             boxes, region_source = [(0.0, 0.0, float(source_hw[1]), float(source_hw[0]))], "whole image"
+        elif job.regions == "halves":
+            boxes, region_source = default_halves(source_hw, num_persons), "halves"
         else:
             boxes, region_source = locate_persons(source, num_persons, self.face_detector)
             if region_source != "faces":
@@ -222,18 +226,15 @@ class MultiTalkPipeline:
         height, width = job.resolution or target_size(*source_hw, job.size)
         image = resize_and_center_crop(source, (height, width))
         masks = region_masks(boxes, source_hw) if num_persons > 1 else np.ones((2, *source_hw), np.float32)
-        masks = np.stack(
-            [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
-        )
+        if region_source == "halves" and job.regions == "halves":  # asked for the reference's masks: its geometry
+            masks = reference_resize_masks(masks, (height, width))
+        else:
+            masks = np.stack(
+                [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
+            )
 
-        originals, speech = [], []
-        for index, person in enumerate(job.persons):
-            try:
-                samples, rate = load_audio_track(person.audio)
-            except AudioError as error:
-                raise GenerationError(f"persons.{index}.audio: {error}") from None
-            originals.append((samples, rate))
-            speech.append(loudness_normalize(to_mono_16k(samples, rate)))
+        originals = _load_person_audio(job)
+        speech = [loudness_normalize(to_mono_16k(samples, rate)) for samples, rate in originals]
         speech = compose_persons(speech, job.audio_type)
         mix, mix_rate = _original_mix(originals, job.audio_type)
 
@@ -437,6 +438,22 @@ class MultiTalkPipeline:
             module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _load_person_audio(job: GenerationJob) -> list[tuple[np.ndarray, int]]:
+    """Each person's audio (samples [channels, n], rate); a silent person gets zeros as long as the longest other
+    track, as the reference gives a "None" person zeros of the other person's length."""
+    loaded: dict[int, tuple[np.ndarray, int]] = {}
+    for index, person in enumerate(job.persons):
+        if person.audio is None:
+            continue
+        try:
+            loaded[index] = load_audio_track(person.audio)
+        except AudioError as error:
+            raise GenerationError(f"persons.{index}.audio: {error}") from None
+    samples, rate = max(loaded.values(), key=lambda track: track[0].shape[1] / track[1])
+    silence = (np.zeros((1, samples.shape[1]), np.float32), rate)
+    return [loaded.get(index, silence) for index in range(len(job.persons))]
 
 
 def _original_mix(originals: list[tuple[np.ndarray, int]], audio_type: str) -> tuple[np.ndarray, int]:
