@@ -174,6 +174,8 @@ class MultiTalkPipeline:
         self.device = torch.device(device)
         self.low_memory = low_memory
         self._face_detector = face_detector
+        self._job_loras: tuple[tuple[str, float], ...] = ()  # merged for the current job
+        self._weights_without_job_loras: dict[str, torch.Tensor] | None = None  # on the CPU, once one is merged
         if attention_backend is not None:
             components.transformer.set_attention_backend(attention_backend)
 
@@ -223,6 +225,9 @@ class MultiTalkPipeline:
                     "person regions for %s: %s (face detection did not find every person)", job.image, region_source
                 )
 
+        for index, (path, _) in enumerate(job.loras):
+            if not Path(path).is_file():
+                raise GenerationError(f"loras.{index}: no such file {path}")
         height, width = job.resolution or target_size(*source_hw, job.size)
         image = resize_and_center_crop(source, (height, width))
         masks = region_masks(boxes, source_hw) if num_persons > 1 else np.ones((2, *source_hw), np.float32)
@@ -295,6 +300,7 @@ class MultiTalkPipeline:
         denoise its latent, decode it and keep the frames that are new.
         """
         job = prepared.job
+        self._use_job_loras(job.loras)
         starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
         conditions = self._job_conditions(prepared, starts[-1] + job.frame_num)
         generator = torch.Generator("cpu").manual_seed(job.seed)
@@ -386,6 +392,35 @@ class MultiTalkPipeline:
         if prepared.job.color_correction > 0:
             frames = match_colors(frames, prepared.image, prepared.job.color_correction)
         return frames
+
+    def _use_job_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Makes the transformer's weights the loaded ones plus exactly `loras`. Switching happens only when a job
+        asks for other LoRAs than the previous one; the first switch keeps a CPU copy of the loaded weights, so
+        that going back restores them exactly (subtracting a delta would not, in bfloat16)."""
+        loras = tuple((str(path), float(scale)) for path, scale in loras)
+        if loras == self._job_loras:
+            return
+        transformer = self.components.transformer
+        with torch.no_grad():
+            if self._weights_without_job_loras is None:
+                self._weights_without_job_loras = {
+                    name: value.detach().to("cpu", copy=True) for name, value in transformer.state_dict().items()
+                }
+            else:
+                self._restore_loaded_weights()
+        self._job_loras = ()
+        try:
+            for path, scale in loras:
+                merge_lora(transformer, path, scale)
+        except (OSError, ValueError) as error:
+            self._restore_loaded_weights()
+            raise GenerationError(f"loras: {path}: {error}") from None
+        self._job_loras = loras
+
+    @torch.no_grad()
+    def _restore_loaded_weights(self) -> None:
+        for name, value in self.components.transformer.state_dict().items():
+            value.copy_(self._weights_without_job_loras[name])
 
     def _cache_coefficients(self, job: GenerationJob) -> tuple[float, ...] | None:
         """The reference's fitted TeaCache polynomial for the 14B model at this size; raw change for other models."""

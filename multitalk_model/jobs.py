@@ -106,6 +106,11 @@ class GenerationJob(BaseModel):
         default=1.0, ge=0, le=1, description="How strongly each clip's colours are matched to the image (0 = off)."
     )
     use_apg: bool = Field(default=False, description="Adaptive projected guidance, against colour drift.")
+    loras: list[tuple[str, float]] = Field(
+        default=[],
+        description="LoRAs [path, scale] merged into the transformer for this job only, e.g. a few-step distillation "
+        "LoRA (FusionX, lightx2v) with the reference's recipe: text_guidance 1, audio_guidance 2, shift 2, 4-8 steps.",
+    )
     step_cache_threshold: float | None = Field(
         default=None, gt=0, description="Skip a step's model call when its input changed less than this; None = never."
     )

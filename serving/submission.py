@@ -25,7 +25,7 @@ from multitalk_model.jobs import GenerationJob, JobError, from_official_json
 from multitalk_model.media import MediaError
 from multitalk_model.regions import validate_box
 
-from .config import Limits, ServingConfig
+from .config import CONFIGURED_FIELDS, Limits, ServingConfig
 
 _OFFICIAL_MARKERS = {"cond_image", "cond_audio"}
 _EXIF_ORIENTATION = 0x0112
@@ -174,9 +174,21 @@ def build_job(options: dict[str, Any], image: Upload, audio: list[Upload], confi
     uploaded = sorted({"image", "persons"} & set(options))
     if uploaded:
         raise RequestRejected(422, f"options: {uploaded} come from the uploaded files, not from the options")
+    configured = sorted(CONFIGURED_FIELDS & set(options))
+    if configured:
+        raise RequestRejected(422, f"options: {configured} come from the deployment's config, not from a request")
 
     generation = config.generation
-    merged = {**generation.defaults, **(generation.fast if fast else {}), **fields, **options}
+    profile = {}
+    if fast:
+        if generation.fast_lora is None:
+            raise RequestRejected(
+                422,
+                "options.fast: this deployment has no distillation LoRA (generation.fast_lora), which the few-step "
+                "profile needs (text guidance 1 without it makes poor videos); submit without fast",
+            )
+        profile = {**generation.fast, "loras": [list(generation.fast_lora)]}
+    merged = {**generation.defaults, **profile, **fields, **options}
     try:
         job = GenerationJob.model_validate(merged)
     except ValidationError as error:
