@@ -196,7 +196,7 @@ def encode_image(components: MultiTalkComponents, image: np.ndarray) -> torch.Te
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} of shape {list(image.shape)}")
     encoder, processor = components.image_encoder, components.image_processor
     side = encoder.config.image_size
-    frame = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - 0.5) * 2  # [1, 3, H, W] in [-1, 1]
+    frame = (torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - 0.5) * 2  # [1, 3, H, W] in [-1, 1]
     frame = F.interpolate(frame, size=(side, side), mode="bicubic", align_corners=False)
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)

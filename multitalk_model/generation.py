@@ -313,7 +313,6 @@ class MultiTalkPipeline:
             step_cache = (
                 StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
             )
-
             hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
             latent = self._denoise_clip(job, clip, conditions, audio, step_cache, generator, hooks)
             if step_cache is not None:
