@@ -36,6 +36,7 @@ from .audio import (
 )
 from .color import match_colors
 from .components import MultiTalkComponents, encode_image, encode_prompt, load_components, vae_decode, vae_encode
+from .conditioning import condition_channels, given_latent_frames, paste_given_frames
 from .config import get_preset
 from .faces import FaceDetector, build_face_detector
 from .guidance import TEACACHE_COEFFICIENTS, APGState, GuidanceScales, GuidedDenoiser, StepCache
@@ -46,14 +47,16 @@ from .offload import offload_transformer_blocks
 from .quantization import Quantization, quantize_transformer
 from .regions import (
     Box,
+    default_halves,
     draw_regions_preview,
     locate_persons,
+    reference_resize_masks,
     region_masks,
     resize_and_center_crop,
     target_size,
     validate_box,
 )
-from .sampling import add_noise, euler_step, shifted_timesteps
+from .sampling import euler_step, shifted_timesteps
 from .wav2vec import audio_windows
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,45 @@ class GenerationResult:
     step_cache_skipped: float  # share of pass forwards the step cache skipped (0 without it)
 
 
+@dataclass(frozen=True)
+class _JobConditions:
+    """What every clip of a job is conditioned on."""
+
+    clip_texts: list[torch.Tensor]  # per clip [1, text_len, text_dim]: the prompt in force at the clip's first frame
+    negative_text: torch.Tensor
+    audio: torch.Tensor  # [1, P, frames, window, layers, channels] for the whole job
+    region_masks: torch.Tensor | None  # [1, P + 1, h, w] on the latent grid; None for one person
+
+
+@dataclass(frozen=True)
+class _ClipCondition:
+    """One clip's given frames, encoded."""
+
+    given_frames: int  # video frames given: 1 (the reference image) or the motion frames of the previous clip
+    image_states: torch.Tensor  # CLIP of the last given frame [1, 257, image_dim]
+    latent: torch.Tensor  # VAE latent of the given frames then grey frames [1, C, T, h, w]
+    paste: bool  # whether the given frames are also pasted into the noisy latent (every clip but the first)
+
+
+@dataclass(frozen=True)
+class _StepHooks:
+    """The caller's cancellation check before each step and progress report after it."""
+
+    clip: int  # 1-based
+    clips: int
+    steps: int
+    progress: Callable[[Progress], None] | None
+    cancelled: Callable[[], bool] | None
+
+    def before(self, step: int) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise GenerationCancelled(f"cancelled at clip {self.clip}, step {step + 1}")
+
+    def after(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress(Progress(self.clip, self.clips, step + 1, self.steps))
+
+
 def plan_clips(num_frames: int, frame_num: int, motion_frames: int, streaming: bool) -> list[int]:
     """Start frame of each clip: one clip, or clips advancing by frame_num - motion_frames until the audio ends."""
     if not streaming:
@@ -144,6 +186,8 @@ class MultiTalkPipeline:
         quantize_transformer(transformer, quantization)
         if low_memory:
             offload_transformer_blocks(transformer, self.device)
+        self._job_loras: tuple[tuple[str, float], ...] = ()  # merged for the current job
+        self._weights_without_job_loras: dict[str, torch.Tensor] | None = None  # on the CPU, once one is merged
         if attention_backend is not None:
             transformer.set_attention_backend(attention_backend)
         if compile_blocks:
@@ -186,6 +230,8 @@ class MultiTalkPipeline:
             region_source = "boxes"
         elif num_persons == 1:
             boxes, region_source = [(0.0, 0.0, float(source_hw[1]), float(source_hw[0]))], "whole image"
+        elif job.regions == "halves":
+            boxes, region_source = default_halves(source_hw, num_persons), "halves"
         else:
             boxes, region_source = locate_persons(source, num_persons, self.face_detector)
             if region_source != "faces":
@@ -193,21 +239,21 @@ class MultiTalkPipeline:
                     "person regions for %s: %s (face detection did not find every person)", job.image, region_source
                 )
 
+        for index, (path, _) in enumerate(job.loras):
+            if not Path(path).is_file():
+                raise GenerationError(f"loras.{index}: no such file {path}")
         height, width = job.resolution or target_size(*source_hw, job.size)
         image = resize_and_center_crop(source, (height, width))
         masks = region_masks(boxes, source_hw) if num_persons > 1 else np.ones((2, *source_hw), np.float32)
-        masks = np.stack(
-            [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
-        )
+        if region_source == "halves" and job.regions == "halves":  # asked for the reference's masks: its geometry
+            masks = reference_resize_masks(masks, (height, width))
+        else:
+            masks = np.stack(
+                [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
+            )
 
-        originals, speech = [], []
-        for index, person in enumerate(job.persons):
-            try:
-                samples, rate = load_audio_track(person.audio)
-            except AudioError as error:
-                raise GenerationError(f"persons.{index}.audio: {error}") from None
-            originals.append((samples, rate))
-            speech.append(loudness_normalize(to_mono_16k(samples, rate)))
+        originals = _load_person_audio(job)
+        speech = [loudness_normalize(to_mono_16k(samples, rate)) for samples, rate in originals]
         speech = compose_persons(speech, job.audio_type)
         mix, mix_rate = _original_mix(originals, job.audio_type)
 
@@ -262,75 +308,136 @@ class MultiTalkPipeline:
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, float]:
-        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped."""
-        job, c = prepared.job, self.components
-        device = self.device
-        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
-        audio = self._audio_features(prepared, starts[-1] + job.frame_num)
-        # A prompt schedule conditions each clip on the prompt in force at its first frame: encode each text once.
-        clip_prompts = [job.prompt_at(clip_start / VIDEO_FPS) for clip_start in starts]
-        texts = list(dict.fromkeys([*clip_prompts, job.negative_prompt]))
-        with self._on_device(c.text_encoder):
-            encoded = dict(zip(texts, encode_prompt(c, texts, device).split(1), strict=True))
-        negative_text = encoded[job.negative_prompt]
-        masks = self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None
-        timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(device)
-        scales = GuidanceScales(text=job.text_guidance, audio=job.audio_guidance)
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-        height, width = prepared.image.shape[:2]
-        latent_shape = (16, (job.frame_num - 1) // 4 + 1, height // 8, width // 8)
+        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped.
 
-        condition = torch.tensor(prepared.image).permute(2, 0, 1)[:, None].float() / 127.5 - 1  # [3, 1, H, W]
+        Clip after clip: encode its condition (the reference image, then the previous clip's last motion frames),
+        denoise its latent, decode it and keep the frames that are new.
+        """
+        job = prepared.job
+        self._use_job_loras(job.loras)
+        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
+        conditions = self._job_conditions(prepared, starts, starts[-1] + job.frame_num)
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        condition = _to_pixels(prepared.image)[:, None]  # [3, 1, H, W]: the reference image is the first condition
         frames: list[np.ndarray] = []
         cache_computed = cache_skipped = 0
         for clip_index, clip_start in enumerate(starts):
-            first = clip_index == 0
-            motion = condition.shape[1]
-            with self._on_device(c.image_encoder):
-                image_states = encode_image(c, _to_uint8(condition[:, -1]))
-            with self._on_device(c.vae):
-                padded = F.pad(condition, (0, 0, 0, 0, 0, job.frame_num - motion))
-                condition_latent = vae_encode(c, padded[None].to(device))
-                motion_latent = None if first else vae_encode(c, condition[None].to(device))
-            y = torch.cat([_condition_mask(motion, job.frame_num, *latent_shape[2:]).to(device), condition_latent], 1)
-
+            clip = self._encode_clip_condition(condition, job.frame_num, paste=clip_index > 0)
+            audio = conditions.audio[:, :, clip_start : clip_start + job.frame_num]
             step_cache = (
                 StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
             )
-            denoiser = GuidedDenoiser(
-                c.transformer,
-                scales,
-                encoded[clip_prompts[clip_index]],
-                negative_text,
-                image_states.to(device),
-                audio[:, :, clip_start : clip_start + job.frame_num].to(device),
-                masks,
-                apg=APGState() if job.use_apg else None,
-                step_cache=step_cache,
-            )
-            latent = torch.randn(1, *latent_shape, generator=generator).to(device)
-            with self._on_device(c.transformer):
-                latent = self._paste_motion(latent, motion_latent, timesteps[0], generator)
-                for step in range(job.steps):
-                    if cancelled is not None and cancelled():
-                        raise GenerationCancelled(f"cancelled at clip {clip_index + 1}, step {step + 1}")
-                    velocity = denoiser(torch.cat([latent, y.to(latent.dtype)], 1), timesteps[step])
-                    latent = euler_step(latent, velocity, timesteps[step], timesteps[step + 1])
-                    latent = self._paste_motion(latent, motion_latent, timesteps[step + 1], generator)
-                    if progress is not None:
-                        progress(Progress(clip_index + 1, len(starts), step + 1, job.steps))
+            hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
+            text = conditions.clip_texts[clip_index]
+            latent = self._denoise_clip(job, clip, text, conditions, audio, step_cache, generator, hooks)
             if step_cache is not None:
                 cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
-
-            with self._on_device(c.vae):
-                video = vae_decode(c, latent)[0].float().clamp(-1, 1).cpu()  # [3, F, H, W]
-            clip_frames = _to_uint8(video.permute(1, 2, 3, 0))
-            if job.color_correction > 0:
-                clip_frames = match_colors(clip_frames, prepared.image, job.color_correction)
-            frames.append(clip_frames if first else clip_frames[motion:])
-            condition = torch.from_numpy(clip_frames[-job.motion_frames :]).permute(3, 0, 1, 2).float() / 127.5 - 1
+            clip_frames = self._decode_clip(latent, prepared)
+            frames.append(clip_frames if clip_index == 0 else clip_frames[clip.given_frames :])
+            condition = _to_pixels(clip_frames[-job.motion_frames :])  # [3, motion, H, W]
         total = cache_computed + cache_skipped
         return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
+
+    def _job_conditions(self, prepared: PreparedJob, starts: list[int], frames_needed: int) -> _JobConditions:
+        """What the clips of a job are conditioned on: the encoded prompts (a prompt schedule gives each clip the
+        prompt in force at its first frame; each text is encoded once), the audio features and the region masks."""
+        components, job = self.components, prepared.job
+        clip_prompts = [job.prompt_at(start / VIDEO_FPS) for start in starts]
+        texts = list(dict.fromkeys([*clip_prompts, job.negative_prompt]))
+        with self._on_device(components.text_encoder):
+            encoded = dict(zip(texts, encode_prompt(components, texts, self.device).split(1), strict=True))
+        return _JobConditions(
+            clip_texts=[encoded[prompt] for prompt in clip_prompts],
+            negative_text=encoded[job.negative_prompt],
+            audio=self._audio_features(prepared, frames_needed),
+            region_masks=self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None,
+        )
+
+    def _encode_clip_condition(self, condition: torch.Tensor, frame_num: int, paste: bool) -> _ClipCondition:
+        """A clip's condition from its given frames [3, n, H, W] in [-1, 1]: CLIP of the last, VAE of them all."""
+        components = self.components
+        given_frames = condition.shape[1]
+        with self._on_device(components.image_encoder):
+            image_states = encode_image(components, _to_uint8(condition[:, -1]))
+        with self._on_device(components.vae):
+            padded = F.pad(condition, (0, 0, 0, 0, 0, frame_num - given_frames))  # grey frames after the given ones
+            latent = vae_encode(components, padded[None].to(self.device))
+        return _ClipCondition(given_frames, image_states.to(self.device), latent, paste)
+
+    def _denoise_clip(
+        self,
+        job: GenerationJob,
+        clip: _ClipCondition,
+        text: torch.Tensor,
+        conditions: _JobConditions,
+        audio: torch.Tensor,
+        step_cache: StepCache | None,
+        generator: torch.Generator,
+        hooks: _StepHooks,
+    ) -> torch.Tensor:
+        """Runs the guided Euler steps of one clip from noise; the given frames are pasted before and after each."""
+        components = self.components
+        timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(self.device)
+        denoiser = GuidedDenoiser(
+            components.transformer,
+            GuidanceScales(text=job.text_guidance, audio=job.audio_guidance),
+            text,
+            conditions.negative_text,
+            clip.image_states,
+            audio.to(self.device),
+            conditions.region_masks,
+            apg=APGState() if job.use_apg else None,
+            step_cache=step_cache,
+        )
+        latent = torch.randn(clip.latent.shape, generator=generator).to(self.device)
+        channels = condition_channels(clip.latent, clip.given_frames).to(latent.dtype)
+        with self._on_device(components.transformer):
+            latent = self._paste_given_frames(latent, clip, timesteps[0], generator)
+            for step in range(job.steps):
+                hooks.before(step)
+                velocity = denoiser(torch.cat([latent, channels], 1), timesteps[step])
+                latent = euler_step(latent, velocity, timesteps[step], timesteps[step + 1])
+                latent = self._paste_given_frames(latent, clip, timesteps[step + 1], generator)
+                hooks.after(step)
+        return latent
+
+    def _decode_clip(self, latent: torch.Tensor, prepared: PreparedJob) -> np.ndarray:
+        """A clip's latent -> uint8 frames [F, H, W, 3], colour-matched to the reference image when asked."""
+        with self._on_device(self.components.vae):
+            video = vae_decode(self.components, latent)[0].float().clamp(-1, 1).cpu()  # [3, F, H, W]
+        frames = _to_uint8(video.permute(1, 2, 3, 0))
+        if prepared.job.color_correction > 0:
+            frames = match_colors(frames, prepared.image, prepared.job.color_correction)
+        return frames
+
+    def _use_job_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Makes the transformer's weights the loaded ones plus exactly `loras`. Switching happens only when a job
+        asks for other LoRAs than the previous one; the first switch keeps a CPU copy of the loaded weights, so
+        that going back restores them exactly (subtracting a delta would not, in bfloat16)."""
+        loras = tuple((str(path), float(scale)) for path, scale in loras)
+        if loras == self._job_loras:
+            return
+        transformer = self.components.transformer
+        with torch.no_grad():
+            if self._weights_without_job_loras is None:
+                self._weights_without_job_loras = {
+                    name: value.detach().to("cpu", copy=True) for name, value in transformer.state_dict().items()
+                }
+            else:
+                self._restore_loaded_weights()
+        self._job_loras = ()
+        try:
+            for path, scale in loras:
+                merge_lora(transformer, path, scale)
+        except (OSError, ValueError) as error:
+            self._restore_loaded_weights()
+            raise GenerationError(f"loras: {path}: {error}") from None
+        self._job_loras = loras
+
+    @torch.no_grad()
+    def _restore_loaded_weights(self) -> None:
+        for name, value in self.components.transformer.state_dict().items():
+            value.copy_(self._weights_without_job_loras[name])
 
     def _cache_coefficients(self, job: GenerationJob) -> tuple[float, ...] | None:
         """The reference's fitted TeaCache polynomial for the 14B model at this size; raw change for other models."""
@@ -355,19 +462,20 @@ class MultiTalkPipeline:
         return torch.stack(features)[None].to(self.components.transformer.dtype)
 
     def _latent_masks(self, masks: np.ndarray) -> torch.Tensor:
-        """Pixel masks [P + 1, H, W] -> the latent grid [1, P + 1, H / 8, W / 8] (nearest, as the reference)."""
+        """Pixel masks [P + 1, H, W] -> the latent grid [1, P + 1, H / s, W / s] (nearest, as the reference)."""
         pixels = torch.from_numpy(masks)[None].float()
-        return F.interpolate(pixels, scale_factor=1 / 8, mode="nearest").to(self.device)
+        spatial = self.components.vae.config.scale_factor_spatial
+        return F.interpolate(pixels, scale_factor=1 / spatial, mode="nearest").to(self.device)
 
     @staticmethod
-    def _paste_motion(latent, motion_latent, t, generator) -> torch.Tensor:
-        """Overwrites the motion frames' latents with their clean latents re-noised to time t."""
-        if motion_latent is None:
+    def _paste_given_frames(latent, clip: _ClipCondition, t, generator) -> torch.Tensor:
+        """Later clips overwrite their motion frames' latents with the clean ones re-noised to time t; the first
+        clip is conditioned on the reference image through the condition channels alone, as in the reference."""
+        if not clip.paste:
             return latent
-        noise = torch.randn(motion_latent.shape, generator=generator).to(latent)
-        latent = latent.clone()
-        latent[:, :, : motion_latent.shape[2]] = add_noise(motion_latent.to(latent), noise, t)
-        return latent
+        shape = (*clip.latent.shape[:2], given_latent_frames(clip.given_frames), *clip.latent.shape[3:])
+        noise = torch.randn(shape, generator=generator)
+        return paste_given_frames(latent, clip.latent, clip.given_frames, t, noise)
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
@@ -383,6 +491,22 @@ class MultiTalkPipeline:
             module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _load_person_audio(job: GenerationJob) -> list[tuple[np.ndarray, int]]:
+    """Each person's audio (samples [channels, n], rate); a silent person gets zeros as long as the longest other
+    track, as the reference gives a "None" person zeros of the other person's length."""
+    loaded: dict[int, tuple[np.ndarray, int]] = {}
+    for index, person in enumerate(job.persons):
+        if person.audio is None:
+            continue
+        try:
+            loaded[index] = load_audio_track(person.audio)
+        except AudioError as error:
+            raise GenerationError(f"persons.{index}.audio: {error}") from None
+    samples, rate = max(loaded.values(), key=lambda track: track[0].shape[1] / track[1])
+    silence = (np.zeros((1, samples.shape[1]), np.float32), rate)
+    return [loaded.get(index, silence) for index in range(len(job.persons))]
 
 
 def _original_mix(originals: list[tuple[np.ndarray, int]], audio_type: str) -> tuple[np.ndarray, int]:
@@ -410,17 +534,14 @@ def _reflect_to(features: torch.Tensor, frames: int) -> torch.Tensor:
     return features[:frames]
 
 
-def _condition_mask(condition_frames: int, frame_num: int, height: int, width: int) -> torch.Tensor:
-    """The 4 mask channels of the I2V condition: 1 on the conditioning frames, [1, 4, T, h, w] as the reference."""
-    mask = torch.zeros(1, frame_num, height, width)
-    mask[:, :condition_frames] = 1
-    # The first frame stands for a whole latent frame: repeat it 4 times, then fold 4 frames per latent frame.
-    mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)
-    return mask.view(1, -1, 4, height, width).transpose(1, 2)
-
-
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """Pixels in [-1, 1] (channels last, or [3, H, W]) -> uint8, channels last."""
     if pixels.ndim == 3 and pixels.shape[0] == 3:
         pixels = pixels.permute(1, 2, 0)
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames, channels last ([H, W, 3] or [F, H, W, 3]) -> float pixels in [-1, 1], channels first."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1
+    return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.permute(3, 0, 1, 2)

@@ -93,9 +93,11 @@ def pipeline_options(config: ServingConfig) -> dict[str, Any]:
 def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Path) -> GenerationJob:
     """The stored job with its input files fetched from the storage into work_dir."""
     job = GenerationJob.model_validate(spec)
-    for name in [job.image, *(person.audio for person in job.persons)]:
+    for name in [job.image, *(person.audio for person in job.persons if person.audio)]:
         storage.download(job_file(job_id, name), work_dir / name)
-    persons = [person.model_copy(update={"audio": str(work_dir / person.audio)}) for person in job.persons]
+    persons = [
+        person.model_copy(update={"audio": person.audio and str(work_dir / person.audio)}) for person in job.persons
+    ]
     return job.model_copy(update={"image": str(work_dir / job.image), "persons": persons})
 
 

@@ -17,12 +17,11 @@ from diffusers import WanTransformer3DModel
 
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import get_preset
-from multitalk_model.generation import _condition_mask
 from tests.helpers import free_port
 from training.config import ConfigError, ModelConfig, ObjectiveConfig, load_config
 from training.data import AI2V, I2V, ClipBatch, interleave, split_shards
 from training.model import build_training_model, check_trainable
-from training.objective import drop_conditions, first_frame_mask
+from training.objective import drop_conditions
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "tiny-cpu.yaml"
@@ -135,13 +134,6 @@ def test_zero3_partitions_every_weight_and_the_forwards_and_a_step_still_work(tm
         for persons in (1, 2):
             torch.testing.assert_close(result["zero3"][persons], result["before"][persons])
         assert not torch.allclose(result["trained"], result["before"][1])  # the audio branch trained
-
-
-def test_first_frame_condition_is_the_inference_mask():
-    latent_frames, height, width = 3, 6, 5
-    inference = _condition_mask(1, 4 * (latent_frames - 1) + 1, height, width)[0]
-
-    assert torch.equal(first_frame_mask(latent_frames, height, width), inference)
 
 
 def _batch(sources: list[str], persons: int = 1) -> ClipBatch:
