@@ -10,8 +10,9 @@ widest feature map. Options:
 - sharding: FSDP2 over the K devices (serving/sharding.py): the blocks and umT5 hold 1/K each, plus two gathered
   blocks (the running one and the next, prefetched);
 - quantization: int8 / fp8 linear weights of the blocks (the audio branch and norms stay in the model dtype);
-- offload: diffusers' block-level group offloading: only the root and two blocks of the transformer on the device,
-  umT5 on the CPU;
+- offload: diffusers' block-level group offloading: only the root and two blocks of the transformer on the device;
+  umT5 and the other encoders come to the device only while they encode, before the blocks run, so they do not
+  add to the sampling peak;
 - parallel: sequence parallel (each device 1/K of the tokens) or guidance parallel (each device 1/K of the passes).
 
 The figures are estimates for planning (what fits in which fleet), not measurements; a margin is kept for the CUDA
@@ -148,7 +149,7 @@ def plan(
     shards = gpus if options.sharding else 1
     umt5, clip = _encoder_params()
 
-    if options.offload == "group":  # the root and two blocks (running + prefetched); umT5 on the CPU
+    if options.offload == "group":  # the root and two blocks (running + prefetched); umT5 visits before them
         transformer = tw.root * width + 2 * block
         text_encoder = 0
     else:
