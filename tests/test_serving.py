@@ -239,7 +239,7 @@ def test_an_idempotency_key_returns_the_same_job_to_its_owner_only(service):
     assert service.wait(other_owner.json()["id"], key=BOB)["state"] == "succeeded"
 
 
-def test_concurrent_submissions_over_the_queue_bound_get_429_and_health_keeps_answering(service):
+def test_concurrent_submissions_over_the_queue_bound_get_429_and_health_keeps_answering(service, pause_gate):
     health: list[int] = []
     done = threading.Event()
 
@@ -251,15 +251,20 @@ def test_concurrent_submissions_over_the_queue_bound_get_429_and_health_keeps_an
 
     prober = threading.Thread(target=probe_health)
     prober.start()
+    pause_gate.hold(STEP_PAUSE)  # the one generator holds the first job it runs: no other job leaves the queue
     try:
         with ThreadPoolExecutor(max_workers=20) as pool:
             responses = list(pool.map(lambda seed: service.submit({**FAST, "steps": 4, "seed": seed}), range(20)))
+        pause_gate.release(STEP_PAUSE)
         accepted = [response.json()["id"] for response in responses if response.status_code == 202]
         finished = [service.wait(job_id) for job_id in accepted]
     finally:
+        pause_gate.release(STEP_PAUSE)
         done.set()
         prober.join()
 
+    # The bound counts waiting jobs: max_queued_jobs of them, plus the one running if it was claimed meanwhile.
+    assert service.config.max_queued_jobs <= len(accepted) <= service.config.max_queued_jobs + 1
     assert {response.status_code for response in responses} == {202, 429}
     for response in responses:
         if response.status_code == 429:

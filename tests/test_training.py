@@ -17,7 +17,7 @@ from diffusers import WanTransformer3DModel
 
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import get_preset
-from tests.helpers import free_port
+from tests.helpers import free_port, transformer_inputs
 from training.config import ConfigError, ModelConfig, ObjectiveConfig, load_config
 from training.data import AI2V, I2V, ClipBatch, interleave, split_shards
 from training.model import build_training_model, check_trainable
@@ -33,16 +33,10 @@ def test_step_zero_reproduces_the_base_image_to_video_model(tiny_model_dir):
     base = WanTransformer3DModel(**TINY.wan_kwargs())
     missing, unexpected = base.load_state_dict(model.state_dict(), strict=False)
     assert not missing and set(unexpected) <= set(model.audio_parameter_names())
-    gen = torch.Generator().manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(2, TINY.in_channels, 3, 6, 6, generator=gen),
-        "timestep": torch.tensor([100.0, 900.0]),
-        "encoder_hidden_states": torch.randn(2, TINY.text_len, TINY.text_dim, generator=gen),
-        "encoder_hidden_states_image": torch.randn(2, 257, TINY.image_dim, generator=gen),
-    }
-    masks = torch.zeros(2, 3, 6, 6)
-    masks[:, 0, 1:, :3], masks[:, 1, 1:, 3:], masks[:, 2, :1] = 1, 1, 1
-    audio = torch.randn(2, 2, 9, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=gen)
+    # The full text context: the plain Wan model does not pad it to text_len as ours does.
+    inputs = transformer_inputs((3, 6, 6), persons=2, batch=2, text_tokens=TINY.text_len)
+    inputs["timestep"] = torch.tensor([100.0, 900.0])
+    audio, masks = inputs.pop("audio"), inputs.pop("region_masks")
 
     with torch.no_grad():
         ours = model.eval()(**inputs, audio=audio, region_masks=masks).sample
@@ -83,21 +77,7 @@ def _zero3_rank(rank: int, port: int, out_dir: Path) -> None:
     model.requires_grad_(False)
     for param in audio:
         param.requires_grad_(True)
-    generator = torch.Generator().manual_seed(1)
-    inputs = {
-        persons: {
-            "hidden_states": torch.randn(1, TINY.in_channels, 3, 8, 8, generator=generator),
-            "timestep": torch.full((1,), 500.0),
-            "encoder_hidden_states": torch.randn(1, 7, TINY.text_dim, generator=generator),
-            "encoder_hidden_states_image": torch.randn(1, 257, TINY.image_dim, generator=generator),
-            "audio": torch.randn(
-                1, persons, 9, TINY.audio_window, TINY.audio_layers, TINY.audio_channels, generator=generator
-            ),
-            "region_masks": torch.stack([torch.ones(8, 8).tril(), torch.ones(8, 8).triu(1), torch.zeros(8, 8)])[None]
-            if persons == 2 else None,
-        }
-        for persons in (1, 2)
-    }  # fmt: skip
+    inputs = {persons: transformer_inputs((3, 8, 8), persons=persons, seed=1) for persons in (1, 2)}
     with torch.no_grad():
         before = {persons: model(**batch).sample for persons, batch in inputs.items()}
     config = {
