@@ -18,6 +18,7 @@ The job is the two_people_car example (../shared/media) at the tiny fast setting
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,8 @@ MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 KEY = "benchmark-key"
 FAST = {"steps": 2, "frame_num": 17, "motion_frames": 5, "resolution": [64, 112], "seed": 7}
 AUTH = {"Authorization": f"Bearer {KEY}"}
+TOKENIZER_REPO = "local/multitalk-tiny-tokenizer"
+_SNAPSHOT = "0" * 40
 
 
 def _free_port() -> int:
@@ -117,7 +120,18 @@ def jobs_per_minute(client: httpx.Client, burst: int) -> float:
     return burst / (last_available - first_sent) * 60
 
 
-def aiperf(client: httpx.Client, command: str, requests: int, work: Path, model: str) -> dict:
+def _tokenizer_cache(model_dir: Path, work: Path) -> Path:
+    """A Hugging Face cache holding the tiny model's tokenizer as TOKENIZER_REPO: AIPerf counts prompt tokens with
+    a tokenizer it loads offline only from such a cache (its builtin one downloads its vocabulary)."""
+    cache = work / "hf-cache"
+    repo = cache / f"models--{TOKENIZER_REPO.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(_SNAPSHOT)
+    shutil.copytree(model_dir / "tokenizer", repo / "snapshots" / _SNAPSHOT)
+    return cache
+
+
+def aiperf(client: httpx.Client, command: str, requests: int, work: Path, model: str, model_dir: Path) -> dict:
     """AIPerf's video generation benchmark against the running server, one request at a time; its own summary."""
     artifacts = work / "aiperf"
     artifacts.mkdir()
@@ -129,23 +143,28 @@ def aiperf(client: httpx.Client, command: str, requests: int, work: Path, model:
     prompts.write_text(json.dumps({"text": "Two people talk in a car."}) + "\n")
     boxes = json.loads((MEDIA / "two_people_car.official.json").read_text())["bbox"]
     options = {**FAST, "boxes": [[x0, y0, x1, y1] for y0, x0, y1, x1 in boxes.values()]}
+    # AIPerf sends these as multipart text fields: the speech ids comma-separated, the options as JSON text.
     extra = {
         "input_reference": ids["two_people_car.png"],
-        "audio_file_id": [ids["two_people_car_person1.WAV"], ids["two_people_car_person2.WAV"]],
-        "options": options,
+        "audio_file_id": f"{ids['two_people_car_person1.WAV']},{ids['two_people_car_person2.WAV']}",
+        "options": json.dumps(options),
     }
     arguments = [command, "profile", "--url", str(client.base_url), "--model", model, "--api-key", KEY]
-    arguments += ["--endpoint-type", "video_generation", "--download-video-content", "--tokenizer", "builtin"]
+    arguments += ["--endpoint-type", "video_generation", "--download-video-content", "--ui-type", "none"]
+    arguments += ["--tokenizer", TOKENIZER_REPO]
     arguments += ["--input-file", str(prompts), "--custom-dataset-type", "single_turn", "--concurrency", "1"]
     arguments += ["--request-count", str(requests), "--warmup-request-count", "1", "--artifact-dir", str(artifacts)]
     arguments += ["--request-timeout-seconds", "600", "--extra-inputs", json.dumps(extra)]
-    subprocess.run(arguments, check=True, stdout=subprocess.DEVNULL)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(_tokenizer_cache(model_dir, work))}
+    done = subprocess.run(arguments, env=environment, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"aiperf failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(next(artifacts.rglob("profile_export_aiperf.json")).read_text())
 
 
-def print_aiperf(summary: dict) -> None:
+def print_aiperf(summary: dict, requests: int) -> None:
     latency, throughput = summary["request_latency"], summary["request_throughput"]
-    print(f"  AIPerf video_generation, {summary['request_count']['avg']:.0f} requests at concurrency 1:")
+    print(f"  AIPerf video_generation, {requests} requests at concurrency 1 (submit, poll, download):")
     print(f"    request latency avg {latency['avg']:.0f} {latency['unit']}, p99 {latency['p99']:.0f} {latency['unit']}")
     print(f"    {throughput['avg'] * 60:.1f} requests/min")
 
@@ -175,6 +194,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         rates = {}
+        served = (config.served_model, config.model_dir)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
                 for replicas in (1, 2):
@@ -189,7 +209,8 @@ def main() -> None:
                     rates[replicas] = jobs_per_minute(client, args.burst)
                     print(f"  {rates[replicas]:.1f} jobs/min on a burst of {args.burst}")
                     if replicas == 1 and args.aiperf:
-                        print_aiperf(aiperf(client, args.aiperf, args.aiperf_requests, root, config.served_model))
+                        summary = aiperf(client, args.aiperf, args.aiperf_requests, root, *served)
+                        print_aiperf(summary, args.aiperf_requests)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -1,10 +1,12 @@
 """The fields of a `POST /v1/videos` form, in OpenAI's Videos API shape and ours, turned into local files and options.
 
-    input_reference   the reference image (file), or `input_reference[file_id]` naming a /v1/files upload; `image`
+    input_reference   the reference image (file), or the id of a /v1/files upload (`input_reference[file_id]`, or
+                      `input_reference` as text, as AIPerf sends it in its multipart create); `image`
                       is the same field under its earlier name. A video here (detected by content) is a source
                       video for dubbing.
     audio             a person's speech (file), once per person
-    audio_file_id     a person's speech uploaded through /v1/files, by id
+    audio_file_id     a person's speech uploaded through /v1/files, by id (several persons: repeat the field, or
+                      give the ids comma-separated, as clients that send one text per key must)
     speech_text       a person's speech as text, spoken by the configured TTS (espeak-ng without one)
     prompt, model, seconds, size      OpenAI's fields: seconds caps the video's length (streaming mode), size is
                       WIDTHxHEIGHT (multiples of 16) or our 480p | 720p
@@ -132,7 +134,13 @@ class VideoFormReader:
     def read(self, fields: list[tuple[str, Any]], work_dir: Path, limits: Limits) -> VideoForm:
         """The request's fields (a form's multi_items, or json_fields of a JSON body) with its files saved into
         work_dir, and the rest as job options; sizes are checked against limits before any file is decoded."""
-        items = [(name.removesuffix("[]"), value) for name, value in fields]
+        items = []
+        for name, value in fields:
+            name = name.removesuffix("[]")
+            if name == "audio_file_id" and isinstance(value, str):  # "id1,id2": clients that send one text field
+                items += [(name, file_id.strip()) for file_id in value.split(",")]
+            else:
+                items.append((name, value))
         known = {*_IMAGE_FIELDS, _IMAGE_ID_FIELD, *_SPEECH_FIELDS, *_TEXT_FIELDS}
         unknown = sorted({name for name, _ in items} - known)
         if unknown:
@@ -208,7 +216,7 @@ class VideoFormReader:
             raise RequestRejected(422, f"input_reference: given {len(given)} times (as {[n for n, _ in given]})")
         name, value = given[0]
         path = work_dir / "reference"
-        if name == _IMAGE_ID_FIELD:
+        if name == _IMAGE_ID_FIELD or isinstance(value, str):  # a text input_reference is a /v1/files id
             image = self._stored_file(value, name, "image", path)
             fingerprint = _hash_file(path)
         else:

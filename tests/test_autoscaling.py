@@ -103,7 +103,7 @@ def scaling_service(tmp_path, monkeypatch):
             target_jobs_per_replica=1,
             upscale_delay_s=0,
             downscale_delay_s=0,
-            look_back_period_s=1,
+            look_back_period_s=11,  # Serve wants it above its (deprecated) metrics_interval_s of 10 s
             num_cpus=0.5,
         ),
         generation=GenerationDefaults(defaults=SMALL),
