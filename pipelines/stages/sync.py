@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from multitalk_model.mfcc import mfcc
-from multitalk_model.syncnet import LIP_FRAMES, MFCC_PER_FRAME, MFCC_WINDOW, SyncNet, face_crops, load_syncnet
+from evaluation.mfcc import mfcc
+from evaluation.syncnet import LIP_FRAMES, MFCC_PER_FRAME, MFCC_WINDOW, SyncNet, face_crops, load_syncnet
 from pipelines.config import CurationConfig
 from pipelines.record import Clip
 from pipelines.schema import AUDIO_RATE, SAMPLE_FPS, RejectReason

@@ -4,7 +4,7 @@ state dict loads unchanged: the layer names and the Sequential indices below are
 
 Inputs, as `SyncNetInstance.evaluate` prepares them:
 - lips: [N, 3, 5, 224, 224] float, 5 consecutive 25 fps BGR face crops (`face_crops`), pixel values 0..255;
-- audio: [N, 1, 13, 20] float, the 13 MFCCs (`multitalk_model.mfcc`, 100 frames per second) of the same 0.2 s.
+- audio: [N, 1, 13, 20] float, the 13 MFCCs (`evaluation.mfcc`, 100 frames per second) of the same 0.2 s.
 Both streams end in a 1024-d embedding; the distance between them is small where lips and audio agree.
 """
 
