@@ -74,6 +74,17 @@ class FaceTracks:
         return len(self.boxes)
 
 
+def detect_faces(image: np.ndarray, max_side: int = 320, detector: FaceDetector | None = None) -> list[np.ndarray]:
+    """Face boxes (xyxy, source pixels) of an RGB image, left to right, detected on a copy scaled to `max_side`."""
+    detector = detector or default_detector()
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return sorted((np.asarray(face.box) / scale for face in detector.detect(image)), key=lambda box: box[0])
+
+
 def detect_tracks(
     frames: np.ndarray,
     num_persons: int | None = None,
@@ -87,15 +98,9 @@ def detect_tracks(
     the face count seen most often. Detections with exactly P faces are sorted left to right and the boxes
     interpolated between them: the persons of a talking video stay in their places.
     """
-    detector = detector or default_detector()
-    num_frames, height, width = frames.shape[:3]
-    scale = min(1.0, detect_max_side / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    num_frames = len(frames)
     detected_at = sorted({*range(0, num_frames, detect_every), num_frames - 1})
-    detections = {}
-    for t in detected_at:
-        image = frames[t] if scale == 1.0 else cv2.resize(frames[t], size, interpolation=cv2.INTER_AREA)
-        detections[t] = sorted((np.asarray(face.box) / scale for face in detector.detect(image)), key=lambda b: b[0])
+    detections = {t: detect_faces(frames[t], detect_max_side, detector) for t in detected_at}
     counts = [len(boxes) for boxes in detections.values()]
     if num_persons is None:
         num_persons = max(set(counts), key=lambda count: (counts.count(count), count))
@@ -143,3 +148,19 @@ def mouth_motion(landmarks: np.ndarray) -> np.ndarray:
     lips = (landmarks[..., MOUTH, :] - eyes) / np.maximum(scale, 1e-6)[..., None, None]
     speed = np.linalg.norm(np.diff(lips, axis=-3), axis=-1).mean(axis=-1)
     return np.concatenate([speed[..., :1], speed], axis=-1)
+
+
+def mouth_shape(landmarks: np.ndarray) -> np.ndarray:
+    """[..., 20, 2] lip landmarks about their centre, in interocular distances: the mouth's shape alone."""
+    lips = landmarks[..., MOUTH, :]
+    scale = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
+    return (lips - lips.mean(axis=-2, keepdims=True)) / np.maximum(scale, 1e-6)[..., None, None]
+
+
+def landmark_distance(landmarks: np.ndarray, reference: np.ndarray) -> float:
+    """LMD: mean Euclidean distance between corresponding lip landmarks of two videos' faces [..., T, 68, 2], on
+    the mouth shapes (`mouth_shape`), so that resolution, framing and head position do not count; in interocular
+    distances (x 100: percent of the eye distance)."""
+    if landmarks.shape != reference.shape:
+        raise ValueError(f"landmark_distance: shapes {landmarks.shape} and {reference.shape} differ")
+    return float(100 * np.linalg.norm(mouth_shape(landmarks) - mouth_shape(reference), axis=-1).mean())

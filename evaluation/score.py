@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.binding import bind, binding_matrix
-from evaluation.landmarks import FaceTracks, NoFaceError, face_tracks, mouth_motion
+from evaluation.identity import identity_scores
+from evaluation.landmarks import FaceTracks, NoFaceError, detect_faces, face_tracks, landmark_distance, mouth_motion
 from evaluation.lipsync import speech_signal, sync_score
+from evaluation.syncnet import load_syncnet, syncnet_score
 from multitalk_model.audio import AudioError, load_speech
-from multitalk_model.media import MediaError, read_video_frames
+from multitalk_model.media import MediaError, load_image, read_video_frames
 
 PathLike = str | os.PathLike
 
@@ -106,7 +108,37 @@ def score_video(
             "assignment": binding.assignment,
             "accuracy": binding.accuracy,
         }
+    if reference_image is not None:
+        scores["identity"] = _identity(reference_image, frames, tracks)
+    if ground_truth is not None:
+        truth = _tracks(ground_truth, _frames(ground_truth), tracks.num_persons)
+        length = min(len(frames), truth.landmarks.shape[1])
+        scores["lmd"] = landmark_distance(tracks.landmarks[:, :length], truth.landmarks[:, :length])
+    if syncnet_weights is not None:
+        try:
+            model = load_syncnet(syncnet_weights)
+        except ValueError as error:
+            raise ScoreInputError(str(error)) from error
+        results = [syncnet_score(model, frames, tracks.boxes[person], streams[stream])
+                   for stream, person in enumerate(owners)]  # fmt: skip
+        scores["syncnet"] = {
+            "sync_c": float(np.mean([result.sync_c for result in results])),
+            "sync_d": float(np.mean([result.sync_d for result in results])),
+            "offset": int(round(float(np.median([result.offset for result in results])))),
+            "per_stream": [{"sync_c": r.sync_c, "sync_d": r.sync_d, "offset": r.offset} for r in results],
+        }
     return scores
+
+
+def _identity(path: PathLike, frames: np.ndarray, tracks: FaceTracks) -> dict:
+    try:
+        image = load_image(path)
+    except (MediaError, OSError) as error:
+        raise ScoreInputError(f"{path}: cannot read the image ({error})") from error
+    boxes = detect_faces(image, max_side=640)
+    if len(boxes) != tracks.num_persons:
+        raise ScoreInputError(f"{path}: {len(boxes)} face(s) found, the video shows {tracks.num_persons}")
+    return identity_scores(image, np.stack(boxes), frames, tracks.boxes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
