@@ -73,12 +73,12 @@ class SpeakersConfig(ConfigSection):
 
 
 class SyncConfig(ConfigSection):
-    max_offset_frames: int = Field(default=5, ge=0, description="largest offset the correlation searches, frames")
+    max_offset_frames: int = Field(default=3, ge=0, description="largest offset the landmark score searches, frames")
     min_confidence: float = Field(
-        default=0.0, ge=-1, le=1, description="lowest correlation sync score kept (single and dual)"
+        default=0.2, ge=-1, le=1, description="lowest landmark sync score kept (single and dual; evaluation.lipsync)"
     )
     syncnet_path: str | None = Field(
-        default=None, description="SyncNet weights (syncnet_python's syncnet_v2.model): Sync-C/D, not the correlation"
+        default=None, description="SyncNet weights (syncnet_python's syncnet_v2.model): Sync-C/D, not the landmarks"
     )
     syncnet_vshift: int = Field(default=15, ge=1, description="largest offset SyncNet searches, frames (vshift)")
     min_syncnet_confidence: float = Field(default=3.0, ge=0, description="lowest Sync-C kept (single and dual)")

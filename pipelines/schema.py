@@ -69,7 +69,7 @@ class PersonMetadata(_Strict):
     binding_confidence: float | None = Field(description="how clearly the speech was bound to this face (0..1)")
     sync_confidence: float | None = Field(default=None, description="audio-visual sync score (SyncNet: Sync-C)")
     sync_offset: int | None = Field(default=None, description="audio lag of the best sync, in frames")
-    sync_distance: float | None = Field(default=None, description="SyncNet's Sync-D (None with the correlation)")
+    sync_distance: float | None = Field(default=None, description="SyncNet's Sync-D (None with the landmark score)")
 
 
 class Word(_Strict):
