@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from multitalk_model.config import check_clip_frames
-from pipelines.schema import Kind
+from pipelines.schema import InputKind
 from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config, require
 
 # whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
@@ -148,7 +148,9 @@ class ShardsConfig(ConfigSection):
 class CurationConfig(ConfigSection):
     input: str | None = Field(default=None, description="folder/URI of videos, or a manifest (.jsonl/.csv/.parquet)")
     output: str | None = Field(default=None, description="folder/URI the shards, manifest and report are written to")
-    default_kind: Kind = Field(default="single", description="corpus kind of videos listed from a folder")
+    default_kind: InputKind = Field(
+        default="auto", description="kind of videos listed from a folder (auto: single or dual from the face tracks)"
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster address or auto (default: RAY_ADDRESS, else a local Ray)"
     )
