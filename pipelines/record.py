@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.schema import SAMPLE_FPS, Kind, RejectReason
+from pipelines.schema import SAMPLE_FPS, RejectReason
 
 
 @dataclass
@@ -18,8 +18,9 @@ class Clip:
     """One input (before the shots stage) or one clip window of it (after)."""
 
     source: str  # the input as listed (path or URI)
-    kind: Kind
+    kind: str  # single | multi_event | dual, or auto until the faces stage decides
     caption: str | None = None
+    kind_reason: str | None = None  # why an auto input got its kind
 
     # Probe: the source.
     source_hash: str | None = None
@@ -52,7 +53,7 @@ class Clip:
     sync_confidence: list[float] = field(default_factory=list)
     sync_offset: list[int] = field(default_factory=list)
     sync_distance: list[float] = field(default_factory=list)  # SyncNet's Sync-D per person (empty without it)
-    sync_source: str | None = None  # syncnet | correlation
+    sync_source: str | None = None  # syncnet | landmarks
 
     words: list[dict] = field(default_factory=list)  # ASR word timings, schema.Word fields
     turns: list[dict] = field(default_factory=list)  # whisperx diarization, schema.SpeakerTurn fields
