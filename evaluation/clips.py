@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from evaluation.testset import TestClip
 from multitalk_model.checkpoints import load_weights
+from multitalk_model.config import check_clip_frames
 from multitalk_model.generation import MultiTalkPipeline
 from multitalk_model.jobs import GenerationJob
 from platform_common.config import ConfigSection
@@ -34,12 +35,7 @@ class Protocol(ConfigSection):
     seed: int = Field(default=42, ge=0, description="seed of the initial noise, the same for every clip and model")
     prompt: str = Field(default="", description="prompt of clips without a caption")
 
-    @field_validator("frame_num")
-    @classmethod
-    def _frames_are_4n_plus_1(cls, value: int) -> int:
-        if (value - 1) % 4:
-            raise ValueError(f"must be 4n + 1, got {value}")
-        return value
+    _frames_are_4n_plus_1 = field_validator("frame_num")(check_clip_frames)
 
 
 class ModelSpec(ConfigSection):
@@ -72,6 +68,7 @@ def generation_job(clip: TestClip, protocol: Protocol) -> GenerationJob:
         prompt=clip.caption or protocol.prompt,
         audio_type="para",
         mode="clip",
+        motion_frames=1,  # one clip: no later clip is conditioned on its last frames
         **settings,
     )
 

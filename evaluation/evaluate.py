@@ -270,8 +270,7 @@ def _score(datasets: list[ray.data.Dataset], scorer_kwargs: dict, num_cpus: floa
     if not datasets:
         return
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    for _ in dataset.map(ClipScorer, fn_constructor_kwargs=scorer_kwargs, num_cpus=num_cpus,
-                         compute=ray.data.TaskPoolStrategy()).iter_rows():  # fmt: skip
+    for _ in dataset.map(ClipScorer(**scorer_kwargs), num_cpus=num_cpus).iter_rows():
         pass
 
 

@@ -107,25 +107,33 @@ def png_tag(png: bytes, alt: str) -> Markup:
     return Markup(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
-def frame_strip(video: str | Path | bytes, count: int = STRIP_FRAMES, height: int = STRIP_HEIGHT) -> np.ndarray:
-    """`count` frames spread over a video (a path or mp4 bytes), scaled to `height` and laid side by side."""
+def frame_strip(
+    video: str | Path | bytes,
+    count: int = STRIP_FRAMES,
+    height: int = STRIP_HEIGHT,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+) -> np.ndarray:
+    """`count` frames spread over a video (a path or mp4 bytes), or over its window from `start_s` for `duration_s`,
+    scaled to `height` and laid side by side."""
     if isinstance(video, bytes):
         with tempfile.NamedTemporaryFile(suffix=".mp4") as file:
             file.write(video)
             file.flush()
-            return frame_strip(file.name, count, height)
-    duration = probe_media(video).duration_s
+            return frame_strip(file.name, count, height, start_s, duration_s)
+    if duration_s is None:
+        duration_s = probe_media(video).duration_s - start_s
     # Sampling at count / duration fps keeps `count` frames spread evenly; only those are converted to RGB.
-    frames = read_video_frames(video, fps=count / max(duration, 1e-3))[:count]
+    frames = read_video_frames(video, fps=count / max(duration_s, 1e-3), start_s=start_s)[:count]
     width = max(1, round(frames.shape[2] * height / frames.shape[1]))
     scaled = [cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames]
     return np.concatenate(scaled, axis=1)
 
 
-def strip_tag(video: str | Path | bytes, alt: str) -> Markup:
+def strip_tag(video: str | Path | bytes, alt: str, start_s: float = 0.0, duration_s: float | None = None) -> Markup:
     """An <img> of the video's frame strip, or a note when the video cannot be decoded."""
     try:
-        return png_tag(image_png(frame_strip(video)), alt)
+        return png_tag(image_png(frame_strip(video, start_s=start_s, duration_s=duration_s)), alt)
     except (ValueError, OSError) as error:
         return Markup(f"<span>cannot show: {html.escape(str(error))}</span>")
 
@@ -245,7 +253,7 @@ def evaluation_report(rows: list[dict], summary: dict, max_clips: int = 50) -> s
 
     page.heading("Worst clips per metric")
     worst_lines = []
-    for metric in metrics:
+    for metric in (metric for metric in metrics if better_direction(metric)):
         ids = worst_first(rows, metric)[:5]
         links = ", ".join(f"<a href='#clip-{html.escape(key)}'>{html.escape(key)}</a>" for key in ids)
         worst_lines.append(f"<li>{html.escape(metric)}: {links}</li>")

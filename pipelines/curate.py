@@ -63,7 +63,7 @@ def run(config: CurationConfig, serial: bool = False, seconds_by_step: dict[str,
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + value
     test_manifest = sinks[TEST_SPLIT].finish()[0] if held_out else None
     manifest, rejects = sink.finish()
-    summary = write_report(config.output, manifest, rejects, stage_seconds, test_manifest)
+    summary = write_report(config.output, manifest, rejects, stage_seconds, test_manifest, len(inputs))
     logger.info("done: %d clips, %d rejects; report in %s", manifest.num_rows, rejects.num_rows, config.output)
     return summary
 
