@@ -6,6 +6,7 @@ itself, so the interval reflects how consistently one model beats the other rath
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,14 +57,15 @@ def bootstrap_difference(
     return bootstrap_mean(b - a, samples, confidence, seed)  # NaN - x is NaN: unpaired clips drop out
 
 
-# Metrics where a smaller value is better (distances and errors); offsets are reported but have no better side.
-_LOWER_IS_BETTER = ("lmd", "distance", "fid", "fvd", "error")
-_NO_DIRECTION = ("offset", "n_person", "seconds")
+# Words of metric names (split at "." and "_") that mark a smaller value as better (distances and errors);
+# offsets and counts are reported but have no better side.
+_LOWER_IS_BETTER = {"lmd", "distance", "fid", "fvd", "error"}
+_NO_DIRECTION = {"offset", "n", "person", "seconds"}
 
 
 def better_direction(metric: str) -> int:
     """+1 when a higher value of `metric` is better, -1 when a lower one is, 0 when neither (offsets, counts)."""
-    name = metric.lower()
-    if any(part in name for part in _NO_DIRECTION):
+    words = set(re.split(r"[._]", metric.lower()))
+    if words & _NO_DIRECTION:
         return 0
-    return -1 if any(part in name for part in _LOWER_IS_BETTER) else 1
+    return -1 if words & _LOWER_IS_BETTER else 1

@@ -13,7 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from evaluation.evaluate import (
     METRICS_FILE,
@@ -27,6 +30,8 @@ from evaluation.evaluate import (
     video_path,
 )
 from evaluation.stats import better_direction, bootstrap_difference, bootstrap_mean
+from multitalk_model.checkpoints import audio_state_dict
+from multitalk_model.config import get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.media import probe_media
@@ -36,8 +41,18 @@ from pipelines.schema import MANIFEST_FILE
 from pipelines.schema import REPORT_FILE as CURATION_REPORT
 from pipelines.schema import SUMMARY_FILE as CURATION_SUMMARY
 from pipelines.sink import TEST_DIR
+from training.config import EvaluationSettings, ModelConfig
+from training.config import load_config as load_training_config
 from training.data import _list_shards
+from training.encoders import FrozenEncoders
+from training.evaluation import BEST_DIR, BEST_FILE, PeriodicEvaluation
+from training.metrics import METRICS_FILE as TRAINING_METRICS_FILE
+from training.metrics import TENSORBOARD_DIR, read_metrics
+from training.model import build_training_model
+from training.train import run as train
 
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAINING_CONFIG = REPO / "training" / "configs" / "tiny-cpu.yaml"
 HELD_OUT = "talking_woman_25fps.mp4"
 PROTOCOL = {"steps": 2, "frame_num": 5, "resolution": [32, 32], "text_guidance": 1.0, "audio_guidance": 2.0}
 
@@ -246,3 +261,64 @@ def test_a_config_naming_a_missing_model_directory_fails_naming_the_field(tmp_pa
 
     with pytest.raises(ConfigError, match=r"models\.0\.model_dir: .*missing is not a directory"):
         load_config(tmp_path / "eval.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ during training
+
+
+def _training_config(path: Path, model_dir: Path, data: Path, output: Path, evaluation: dict) -> Path:
+    config = yaml.safe_load(TINY_TRAINING_CONFIG.read_text())
+    config["output"] = str(output)
+    config["model"]["model_dir"] = str(model_dir)
+    config["data"].update({"path": str(data), "i2v_ratio": 0.0})
+    config["schedule"].update({"max_steps": 4, "global_batch_size": 4, "checkpoint_every": 4, "log_every": 2})
+    config["cluster"]["run_name"] = "with-evaluation"
+    config["evaluation"] = evaluation
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_periodic_evaluation_scores_the_current_weights_and_keeps_the_best(models, shared_media, tmp_path):
+    (tmp_path / "test.jsonl").write_text(json.dumps({"path": str(shared_media / HELD_OUT)}) + "\n")
+    settings = EvaluationSettings(
+        test_set=str(tmp_path / "test.jsonl"), every=2, protocol=PROTOCOL, keep_best="sync.confidence"
+    )
+    model = build_training_model(ModelConfig(preset="tiny", model_dir=str(models["seed0"]), precision="fp32"), "cpu", 0)
+    encoders = FrozenEncoders.load(models["seed0"], model, get_preset("tiny"), "cpu", torch.float32)
+    best = tmp_path / "out" / BEST_DIR / BEST_FILE
+    best.parent.mkdir(parents=True)
+    # A best step recorded before a restart, better than anything: the evaluation keeps it.
+    best.write_text(json.dumps({"step": 1, "metric": "sync.confidence", "value": 1e9}))
+    evaluation = PeriodicEvaluation(settings, str(models["seed0"]), encoders.components, tmp_path / "out")
+
+    scores = evaluation(model, step=2)
+
+    assert np.isfinite(scores["sync.confidence"]) and model.training
+    assert (tmp_path / "out" / "evaluation" / "step_00000002" / f"{Path(HELD_OUT).stem}.mp4").is_file()
+    assert json.loads(best.read_text())["step"] == 1
+    assert evaluation.due(4, last=False) and evaluation.due(5, last=True) and not evaluation.due(5, last=False)
+
+    # Without a better record, this step's audio weights become the best.
+    best.write_text(json.dumps({"step": 1, "metric": "sync.confidence", "value": -1e9}))
+    evaluation = PeriodicEvaluation(settings, str(models["seed0"]), encoders.components, tmp_path / "out")
+    assert evaluation(model, step=4) == scores  # same weights, same seed: the same videos and scores
+    assert json.loads(best.read_text()) == {"step": 4, "metric": "sync.confidence", "value": scores["sync.confidence"]}
+    exported = load_file(best.parent / "multitalk.safetensors")
+    assert exported.keys() == audio_state_dict(model).keys()
+    assert all(torch.equal(exported[key], value) for key, value in audio_state_dict(model).items())
+
+
+def test_training_evaluates_every_n_steps_into_tensorboard_and_metrics_jsonl(curated, models, tmp_path):
+    evaluation = {"test_set": str(curated / TEST_DIR), "every": 2, "max_clips": 2, "protocol": PROTOCOL}
+    config_path = _training_config(tmp_path / "train.yaml", models["seed0"], curated, tmp_path / "out", evaluation)
+
+    result = train(load_training_config(config_path))
+
+    assert result.error is None
+    records = read_metrics(tmp_path / "out" / TRAINING_METRICS_FILE)
+    evaluated = [record["step"] for record in records if "eval/sync.confidence" in record]
+    assert evaluated == [2, 4]
+    assert all(np.isfinite(record["eval/sync.confidence"]) for record in records if "eval/sync.confidence" in record)
+    events = EventAccumulator(str(tmp_path / "out" / TENSORBOARD_DIR)).Reload()
+    assert [event.step for event in events.Scalars("eval/sync.confidence")] == [2, 4]
+    assert len(list((tmp_path / "out" / "evaluation" / "step_00000004").glob("*.mp4"))) == 2
