@@ -84,12 +84,18 @@ def generate_clip(pipeline: MultiTalkPipeline, clip: TestClip, protocol: Protoco
     return time.perf_counter() - started
 
 
+# What score_video reports about the video rather than about its quality.
+_DESCRIPTIVE = {"video", "num_frames", "num_persons"}
+
+
 def flatten_scores(scores: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a nested score dict as dotted names (sync.confidence, binding.accuracy, ...); matrices,
-    assignments and labels are left out: they are not one number per clip."""
+    assignments, per-stream lists, labels and the video's description are left out: not one metric per clip."""
     flat: dict[str, float] = {}
     for key, value in scores.items():
         name = f"{prefix}{key}"
+        if not prefix and key in _DESCRIPTIVE:
+            continue
         if isinstance(value, dict):
             flat.update(flatten_scores(value, f"{name}."))
         elif isinstance(value, int | float) and not isinstance(value, bool):

@@ -197,64 +197,67 @@ def run(config: EvaluationConfig, videos: list[str] = ()) -> dict:
     _check_run_record(output, config)
     _connect_ray(config)
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
-    scorer_kwargs = {"output": str(output), "syncnet_path": config.metrics.syncnet_path}
-    generated: dict[str, list[str]] = {}
-    systems: list[str] = []
-    for model in config.models:
-        systems.append(model.name)
-        rows = [_row(model.name, clip, video_path(output, model.name, clip.clip_id)) for clip in clips]
-        missing = [row for row in rows if not Path(row["video"]).is_file()]
-        unscored = [row for row in rows if Path(row["video"]).is_file() and not _scored(output, row)]
-        generated[model.name] = [row["clip"]["clip_id"] for row in missing]
-        logger.info("%s: %d clips to generate, %d to score", model.name, len(missing), len(unscored))
-        datasets = []
-        if missing:
-            resources = config.generation
-            options: dict = {"num_cpus": resources.num_cpus}
-            if resources.num_gpus:
-                options["num_gpus"] = resources.num_gpus
-            datasets.append(
-                ray.data.from_items(missing, override_num_blocks=len(missing)).map(
-                    ClipGenerator,
-                    fn_constructor_kwargs={
-                        "model": model.model_dump(),
-                        "protocol": config.protocol.model_dump(),
-                        "output": str(output),
-                        "num_gpus": resources.num_gpus,
-                        "precision": resources.precision,
-                    },
-                    compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
-                    **options,
-                )
-            )
-        if unscored:
-            datasets.append(ray.data.from_items(unscored, override_num_blocks=len(unscored)))
-        _score(datasets, scorer_kwargs, config.metrics.num_cpus)
-    by_id = {clip.clip_id: clip for clip in clips}
+    generated = {model.name: _evaluate_model(config, model, clips) for model in config.models}
+    systems = list(generated)
     for folder in videos:
         name = Path(folder).name
         if name in systems:
             raise ConfigError(f"--videos {folder}: a system named {name!r} is evaluated already")
         systems.append(name)
-        rows = [
-            _row(name, by_id.get(video.stem) or video_as_clip(video, output / TEST_SET_DIR / name), video)
-            for video in videos_in(folder)
-        ]
-        unscored = [row for row in rows if not _scored(output, row)]
-        logger.info("%s: %d given videos, %d to score", name, len(rows), len(unscored))
-        _score([ray.data.from_items(unscored, override_num_blocks=len(unscored))] if unscored else [], scorer_kwargs,
-               config.metrics.num_cpus)  # fmt: skip
+        _score_videos(config, name, folder, clips)
+    test_ids = {clip.clip_id for clip in clips}
     records = [
-        json.loads(score_path(output, system, key).read_text())
+        json.loads(path.read_text())
         for system in systems
-        for key in sorted(path.stem for path in (output / SCORES_DIR / system).glob("*.json"))
-        if system not in generated or key in {clip.clip_id for clip in clips}
+        for path in sorted((output / SCORES_DIR / system).glob("*.json"))
+        # A model's clips of this test set (a smaller max_clips leaves earlier ones out); every given video.
+        if system not in generated or path.stem in test_ids
     ]
     summary = summarize(records, systems, config)
     summary["generated"] = generated
     _write_results(output, records, summary, config)
     logger.info("evaluated %s on %d clips; report in %s", ", ".join(systems), summary["clips"], output / REPORT_FILE)
     return summary
+
+
+def _evaluate_model(config: EvaluationConfig, model: ModelSpec, clips: list[TestClip]) -> list[str]:
+    """Generate the model's missing clips on an actor pool and score every unscored one; returns the ids generated."""
+    output = config.output
+    rows = [_row(model.name, clip, video_path(output, model.name, clip.clip_id)) for clip in clips]
+    missing = [row for row in rows if not Path(row["video"]).is_file()]
+    unscored = [row for row in rows if Path(row["video"]).is_file() and not _scored(output, row)]
+    logger.info("%s: %d clips to generate, %d more to score", model.name, len(missing), len(unscored))
+    datasets = []
+    if missing:
+        resources = config.generation
+        options: dict = {"num_cpus": resources.num_cpus}
+        if resources.num_gpus:
+            options["num_gpus"] = resources.num_gpus
+        constructor = {
+            "model": model.model_dump(),
+            "protocol": config.protocol.model_dump(),
+            "output": output,
+            "num_gpus": resources.num_gpus,
+            "precision": resources.precision,
+        }
+        pool = ray.data.ActorPoolStrategy(size=resources.num_actors)
+        dataset = ray.data.from_items(missing, override_num_blocks=len(missing))
+        datasets.append(dataset.map(ClipGenerator, fn_constructor_kwargs=constructor, compute=pool, **options))
+    if unscored:
+        datasets.append(ray.data.from_items(unscored, override_num_blocks=len(unscored)))
+    _score(datasets, config)
+    return [row["clip"]["clip_id"] for row in missing]
+
+
+def _score_videos(config: EvaluationConfig, name: str, folder: str, clips: list[TestClip]) -> None:
+    """Score a folder of videos made elsewhere: against the test clip of the same id, else their own audio."""
+    by_id = {clip.clip_id: clip for clip in clips}
+    work_dir = Path(config.output) / TEST_SET_DIR / name
+    rows = [_row(name, by_id.get(video.stem) or video_as_clip(video, work_dir), video) for video in videos_in(folder)]
+    unscored = [row for row in rows if not _scored(config.output, row)]
+    logger.info("%s: %d given videos, %d to score", name, len(rows), len(unscored))
+    if unscored:
+        _score([ray.data.from_items(unscored, override_num_blocks=len(unscored))], config)
 
 
 def _row(model: str, clip: TestClip, video: Path) -> dict:
@@ -265,18 +268,22 @@ def _scored(output: Path, row: dict) -> bool:
     return score_path(output, row["model"], row["clip"]["clip_id"]).is_file()
 
 
-def _score(datasets: list[ray.data.Dataset], scorer_kwargs: dict, num_cpus: float) -> None:
+def _score(datasets: list[ray.data.Dataset], config: EvaluationConfig) -> None:
     """Runs the datasets' rows through the scorer (the generator's output streams into it clip by clip)."""
     if not datasets:
         return
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    for _ in dataset.map(ClipScorer(**scorer_kwargs), num_cpus=num_cpus).iter_rows():
+    scorer = ClipScorer(config.output, config.metrics.syncnet_path)
+    for _ in dataset.map(scorer, num_cpus=config.metrics.num_cpus).iter_rows():
         pass
 
 
 def _check_run_record(output: Path, config: EvaluationConfig) -> None:
     """The output's videos stay comparable: a rerun must use the protocol and model specs they were made with."""
-    record = {"protocol": config.protocol.model_dump(), "models": {m.name: m.model_dump() for m in config.models}}
+    record = {
+        "protocol": config.protocol.model_dump(mode="json"),
+        "models": {model.name: model.model_dump(mode="json") for model in config.models},
+    }
     path = output / RUN_FILE
     if path.is_file():
         previous = json.loads(path.read_text())

@@ -6,7 +6,6 @@ itself, so the interval reflects how consistently one model beats the other rath
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,15 +56,14 @@ def bootstrap_difference(
     return bootstrap_mean(b - a, samples, confidence, seed)  # NaN - x is NaN: unpaired clips drop out
 
 
-# Words of metric names (split at "." and "_") that mark a smaller value as better (distances and errors);
-# offsets and counts are reported but have no better side.
-_LOWER_IS_BETTER = {"lmd", "distance", "fid", "fvd", "error"}
-_NO_DIRECTION = {"offset", "n", "person", "seconds"}
+# Metrics (the last part of their dotted name) where a smaller value is better, and ones with no better side.
+_LOWER_IS_BETTER = {"lmd", "sync_d", "distance", "fid", "fvd", "error"}
+_NO_DIRECTION = {"person", "num_frames", "num_persons"}
 
 
 def better_direction(metric: str) -> int:
     """+1 when a higher value of `metric` is better, -1 when a lower one is, 0 when neither (offsets, counts)."""
-    words = set(re.split(r"[._]", metric.lower()))
-    if words & _NO_DIRECTION:
+    leaf = metric.lower().rsplit(".", 1)[-1]
+    if "offset" in leaf or leaf in _NO_DIRECTION:
         return 0
-    return -1 if words & _LOWER_IS_BETTER else 1
+    return -1 if leaf in _LOWER_IS_BETTER else 1

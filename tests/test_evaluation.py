@@ -160,7 +160,8 @@ def test_paired_difference_sees_a_consistent_gain_that_the_spread_of_the_clips_h
 
     assert difference.low > 0.4 and difference.high < 0.6 and difference.n == 40
     assert better_direction("sync.confidence") == 1 and better_direction("lmd") == -1
-    assert better_direction("syncnet.distance") == -1 and better_direction("sync.offset_frames") == 0
+    assert better_direction("syncnet.sync_d") == -1 and better_direction("syncnet.sync_c") == 1
+    assert better_direction("sync.offset_frames") == 0 and better_direction("syncnet.offset") == 0
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
