@@ -52,7 +52,7 @@ class Clip:
     sync_confidence: list[float] = field(default_factory=list)
     sync_offset: list[int] = field(default_factory=list)
     sync_distance: list[float] = field(default_factory=list)  # SyncNet's Sync-D per person (empty without it)
-    sync_source: str | None = None  # syncnet | correlation
+    sync_source: str | None = None  # syncnet | landmarks
 
     words: list[dict] = field(default_factory=list)  # ASR word timings, schema.Word fields
     turns: list[dict] = field(default_factory=list)  # whisperx diarization, schema.SpeakerTurn fields

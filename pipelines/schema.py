@@ -121,7 +121,7 @@ class ClipMetadata(_Strict):
     caption_source: str = Field(pattern=_CAPTION_SOURCE_PATTERN, description="manifest, none or model:<model name>")
     persons: list[PersonMetadata]
     scores: Scores
-    sync_source: Literal["syncnet", "correlation"] | None = Field(
+    sync_source: Literal["syncnet", "landmarks"] | None = Field(
         default=None, description="what scored the sync (None: not scored, as for multi_event clips)"
     )
     words: list[Word] = Field(default_factory=list, description="ASR word timings (empty without an ASR model)")

@@ -24,9 +24,9 @@ from transformers import (
     BlipProcessor,
 )
 
+from evaluation.syncnet import SyncNet
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.media import read_video_frames, write_video
-from multitalk_model.syncnet import SyncNet
 from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.curate import run
 from pipelines.record import Clip

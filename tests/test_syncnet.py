@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
+from evaluation.mfcc import mfcc
+from evaluation.syncnet import CROP_SIZE, SyncNet, face_crops, load_syncnet
 from multitalk_model.audio import load_speech
 from multitalk_model.faces import MTCNNDetector
 from multitalk_model.media import read_video_frames, write_video
-from multitalk_model.mfcc import mfcc
-from multitalk_model.syncnet import CROP_SIZE, SyncNet, face_crops, load_syncnet
 from pipelines.config import CurationConfig, load_config
 from pipelines.record import Clip
 from pipelines.stages.sync import SyncStage, distance_table, offset_and_confidence

