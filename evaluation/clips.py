@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from evaluation.fidelity import pixel_fidelity
+from evaluation.score import ScoreInputError, score_video
 from evaluation.testset import TestClip
 from multitalk_model.checkpoints import load_weights
 from multitalk_model.config import check_clip_frames
@@ -103,16 +105,26 @@ def flatten_scores(scores: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def score_clip(video: str | Path, clip: TestClip, syncnet_weights: str | None = None) -> tuple[dict[str, float], float]:
-    """The quality metrics of a video of the clip (flattened) and the seconds they took."""
-    from evaluation.score import score_video  # the quality package: imported where it is used (it loads models)
-
+def score_clip(
+    video: str | Path, clip: TestClip, syncnet_weights: str | None = None
+) -> tuple[dict[str, float], str | None, float]:
+    """The metrics of a video of the clip (flattened), why the face metrics could not be computed (None when they
+    were), and the seconds it all took. Pixel fidelity needs only the ground truth; the quality package's metrics
+    need the faces, which a random model's noise does not show."""
     started = time.perf_counter()
-    scores = score_video(
-        str(video),
-        audio=clip.audio,
-        reference_image=clip.reference_image,
-        ground_truth=clip.ground_truth,
-        syncnet_weights=syncnet_weights,
-    )
-    return flatten_scores(scores), time.perf_counter() - started
+    metrics: dict[str, float] = {}
+    if clip.ground_truth:
+        metrics.update(flatten_scores({"fidelity": pixel_fidelity(video, clip.ground_truth)}))
+    problem = None
+    try:
+        scores = score_video(
+            str(video),
+            audio=clip.audio,
+            reference_image=clip.reference_image,
+            ground_truth=clip.ground_truth,
+            syncnet_weights=syncnet_weights,
+        )
+        metrics.update(flatten_scores(scores))
+    except ScoreInputError as error:
+        problem = str(error)
+    return metrics, problem, time.perf_counter() - started

@@ -161,7 +161,8 @@ class ClipScorer:
         }
         if not record["error"]:
             try:
-                record["metrics"], record["metrics_s"] = score_clip(row["video"], clip, self.syncnet_path)
+                record["metrics"], problem, record["metrics_s"] = score_clip(row["video"], clip, self.syncnet_path)
+                record["error"] = f"face metrics: {problem}" if problem else None
             except CLIP_ERRORS as error:
                 logger.warning("%s: cannot score %s: %s", row["model"], clip.clip_id, error)
                 record["error"] = f"metrics: {type(error).__name__}: {error}"
@@ -315,7 +316,7 @@ def summarize(records: list[dict], systems: list[str], config: EvaluationConfig)
     for system in systems:
         rows = by_system[system].values()
         models[system] = {
-            "clips": sum(1 for row in rows if not row["error"]),
+            "clips": sum(1 for row in rows if row["metrics"]),  # scored, if only in part
             "errors": sum(1 for row in rows if row["error"]),
             "metrics": {
                 metric: bootstrap_mean(

@@ -66,7 +66,9 @@ class PeriodicEvaluation:
             for clip in self.clips:
                 video = folder / f"{clip.clip_id}.mp4"
                 generate_clip(pipeline, clip, self.settings.protocol, video)
-                metrics, _ = score_clip(video, clip, self.settings.syncnet_path)
+                metrics, problem, _ = score_clip(video, clip, self.settings.syncnet_path)
+                if problem:
+                    logger.info("step %d, %s: no face metrics (%s)", step, clip.clip_id, problem)
                 for name, value in metrics.items():
                     values.setdefault(name, []).append(value)
         finally:
