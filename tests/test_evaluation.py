@@ -51,6 +51,8 @@ from training.metrics import TENSORBOARD_DIR, read_metrics
 from training.model import build_training_model
 from training.train import run as train
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRAINING_CONFIG = REPO / "training" / "configs" / "tiny-cpu.yaml"
 HELD_OUT = "talking_woman_25fps.mp4"
