@@ -60,7 +60,8 @@ def run(config: CurationConfig, serial: bool = False, seconds_by_step: dict[str,
             sink.reject(result)
             seconds = result["stage_seconds"]
         for stage, value in seconds.items():
-            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + value
+            if value is not None:  # Ray Data gives rows one struct type: stages a row missed come back as None
+                stage_seconds[stage] = stage_seconds.get(stage, 0.0) + value
     test_manifest = sinks[TEST_SPLIT].finish()[0] if held_out else None
     manifest, rejects = sink.finish()
     summary = write_report(config.output, manifest, rejects, stage_seconds, test_manifest, len(inputs))
