@@ -153,6 +153,15 @@ class ShardsConfig(ConfigSection):
     size: int = Field(default=64, ge=1, description="most clips per shard")
 
 
+class SplitConfig(ConfigSection):
+    test_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="share of source videos held out as the test split (by content hash)"
+    )
+    test_sources: list[str] = Field(
+        default_factory=list, description="source videos (file names or full paths/URIs) held out as the test split"
+    )
+
+
 class CurationConfig(ConfigSection):
     input: str | None = Field(default=None, description="folder/URI of videos, or a manifest (.jsonl/.csv/.parquet)")
     output: str | None = Field(default=None, description="folder/URI the shards, manifest and report are written to")
@@ -172,6 +181,9 @@ class CurationConfig(ConfigSection):
     wav2vec: Wav2VecConfig = Field(default_factory=Wav2VecConfig, description="audio features")
     captions: CaptionsConfig = Field(default_factory=CaptionsConfig, description="captioner (optional)")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="webdataset shards")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig, description="held-out test split by source video (own shards in output/test)"
+    )
 
 
 def load_config(

@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.plan import curation_steps, run_serially, to_dataset
 from pipelines.report import write_report
-from pipelines.sink import CorpusSink, WrittenShard
+from pipelines.sink import TEST_SPLIT, TRAIN_SPLIT, CorpusSink, WrittenShard, split_location
 from pipelines.stages.whisperx_asr import WhisperXEnvError, check_whisperx_env, whisperx_runtime_env
 from pipelines.storage import list_inputs
 from platform_common.cluster import connect_ray
@@ -37,20 +37,33 @@ def run(config: CurationConfig, serial: bool = False, seconds_by_step: dict[str,
         version = check_whisperx_env(whisperx_runtime_env(config.asr))
         logger.info("whisperx %s imports in its runtime env", version)
     sink = CorpusSink(config.output)
+    # The held-out split, when the config sets one aside: its own shards and manifest, committed beside the corpus.
+    held_out = config.split.test_fraction > 0 or bool(config.split.test_sources)
+    sinks = {TRAIN_SPLIT: sink}
+    if held_out:
+        sinks[TEST_SPLIT] = CorpusSink(split_location(config.output, TEST_SPLIT))
     inputs = list_inputs(config.input, config.default_kind)
     logger.info("curating %d inputs from %s into %s", len(inputs), config.input, config.output)
-    steps = curation_steps(config, sink.done_clip_ids)
+    done = frozenset().union(*(split_sink.done_clip_ids for split_sink in sinks.values()))
+    steps = curation_steps(config, done)
     rows = run_serially(steps, inputs, seconds_by_step) if serial else to_dataset(steps, inputs).iter_rows()
+    stage_seconds: dict[str, float] = {}
     for row in rows:
         result = row["result"]
         if isinstance(result, WrittenShard):
-            sink.commit(result)
+            sinks[result.split].commit(result)
+            seconds = result.stage_seconds
         else:
             where = f"clip {result['clip_id']}" if result["clip_id"] else "whole input"
             logger.info("rejected %s (%s): %s (%s)", result["input"], where, result["reason"], result["detail"])
             sink.reject(result)
+            seconds = result["stage_seconds"]
+        for stage, value in seconds.items():
+            if value is not None:  # Ray Data gives rows one struct type: stages a row missed come back as None
+                stage_seconds[stage] = stage_seconds.get(stage, 0.0) + value
+    test_manifest = sinks[TEST_SPLIT].finish()[0] if held_out else None
     manifest, rejects = sink.finish()
-    summary = write_report(config.output, manifest, rejects)
+    summary = write_report(config.output, manifest, rejects, stage_seconds, test_manifest, len(inputs))
     logger.info("done: %d clips, %d rejects; report in %s", manifest.num_rows, rejects.num_rows, config.output)
     return summary
 

@@ -78,7 +78,14 @@ def curation_steps(config: CurationConfig, done_clip_ids: frozenset[str]) -> lis
     else:
         steps.append(Step(CaptionStage, with_config, CaptionStage.num_cpus))
     steps.append(Step(SampleStage, {}, SampleStage.num_cpus))
-    steps.append(Step(ShardWriter, {"output": config.output}, ShardWriter.num_cpus, batch_size=config.shards.size))
+    steps.append(
+        Step(
+            ShardWriter,
+            {"output": config.output, "split": config.split},
+            ShardWriter.num_cpus,
+            batch_size=config.shards.size,
+        )
+    )
     return steps
 
 

@@ -65,6 +65,8 @@ class Clip:
     scores: dict[str, float] = field(default_factory=dict)
     sample: dict[str, bytes] | None = None  # webdataset members, filled by the sample stage
 
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # worker seconds spent on it per stage
+
     reject_stage: str | None = None
     reject_reason: str | None = None
     reject_detail: str | None = None
@@ -99,4 +101,5 @@ class Clip:
             "stage": self.reject_stage,
             "reason": self.reject_reason,
             "detail": self.reject_detail,
+            "stage_seconds": self.stage_seconds,  # for the run's report; not a rejects.parquet column
         }

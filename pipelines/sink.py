@@ -1,6 +1,10 @@
 """Writing the corpus exactly once: workers write each shard under a hidden temporary name; the driver alone
 renames it to its numbered name and records its clips; the manifest (and rejects table) is committed last.
 
+With a held-out split (config `split`), the clips of test sources go to shards and a manifest of their own in
+`test/` under the output, which training (it reads the output's top level) never sees; a source is wholly in one
+split, so no source is in both.
+
 A killed run leaves committed shards and hidden partial files. The next run deletes the partial files, recovers
 the clips of every committed shard (from the manifest, or from the shards' json where the manifest had not been
 committed yet) and skips them, so the final shards and manifest hold every clip exactly once.
@@ -12,13 +16,15 @@ import io
 import logging
 import tarfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.config import SplitConfig
 from pipelines.record import Clip
 from pipelines.schema import (
     JSON_KEY,
@@ -39,6 +45,23 @@ from platform_common.storage import write_atomically
 logger = logging.getLogger(__name__)
 
 _PARTIAL_SUFFIX = ".partial"
+TRAIN_SPLIT, TEST_SPLIT = "train", "test"
+TEST_DIR = "test"  # the held-out split's shards and manifest, under the output
+
+
+def split_of(clip: Clip, split: SplitConfig) -> str:
+    """The split of a clip's source: listed in `test_sources` (by name or path), or within `test_fraction` by its
+    content hash (so every window of a source, and a copy of it under another name, lands in the same split)."""
+    if clip.source in split.test_sources or PurePosixPath(clip.source).name in split.test_sources:
+        return TEST_SPLIT
+    if int(clip.source_hash[:8], 16) / 16**8 < split.test_fraction:
+        return TEST_SPLIT
+    return TRAIN_SPLIT
+
+
+def split_location(output: str, split: str) -> str:
+    """Where a split's shards and manifest live: the output itself for training, `test/` under it."""
+    return output if split == TRAIN_SPLIT else f"{output.rstrip('/')}/{TEST_DIR}"
 
 
 @dataclass
@@ -48,6 +71,8 @@ class WrittenShard:
     kind: str
     temporary_path: str
     metadata: dict[str, bytes]  # clip id -> json member
+    split: str = TRAIN_SPLIT
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # worker seconds of its clips per stage
 
 
 def _tar_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -81,24 +106,30 @@ class ShardWriter:
     name = "write"
     num_cpus = 0.5
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str, split: SplitConfig | None = None) -> None:
         self.output = output
+        self.split = split or SplitConfig()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fs, root = resolve(self.output)
-        by_kind: dict[str, list[Clip]] = {}
+        groups: dict[tuple[str, str], list[Clip]] = {}
         results: list[object] = []
         for clip in batch["clip"]:
             if clip.rejected:
                 results.append(clip.reject_row())
             else:
-                by_kind.setdefault(clip.kind, []).append(clip)
-        for kind, clips in by_kind.items():
+                groups.setdefault((split_of(clip, self.split), clip.kind), []).append(clip)
+        for (split, kind), clips in groups.items():
+            fs, root = resolve(split_location(self.output, split))
+            fs.create_dir(root, recursive=True)
             temporary = f"{root}/.{kind}-{uuid.uuid4().hex}.tar{_PARTIAL_SUFFIX}"
             with fs.open_output_stream(temporary) as stream:
                 stream.write(_shard_bytes([(clip.clip_id, clip.sample) for clip in clips]))
             metadata = {clip.clip_id: clip.sample[JSON_KEY] for clip in clips}
-            results.append(WrittenShard(kind=kind, temporary_path=temporary, metadata=metadata))
+            seconds: dict[str, float] = {}
+            for clip in clips:
+                for stage, value in clip.stage_seconds.items():
+                    seconds[stage] = seconds.get(stage, 0.0) + value
+            results.append(WrittenShard(kind, temporary, metadata, split, seconds))
         output = np.empty(len(results), dtype=object)
         output[:] = results
         return {"result": output}

@@ -40,7 +40,7 @@ from multitalk_model.accounting import forward_flops, parameter_counts
 from multitalk_model.audio import SAMPLE_RATE, compose_persons, loudness_normalize
 from multitalk_model.checkpoints import build_model
 from multitalk_model.config import get_preset
-from multitalk_model.fixtures.corpus import write_corpus
+from multitalk_model.fixtures.corpus import write_corpus, write_held_out_clips
 from multitalk_model.fixtures.speech import synthesize_speech, write_wav
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
@@ -253,7 +253,37 @@ def train(out: Path, cluster: LocalCluster, curated: Path) -> Path:
     submit_job(cluster, "python", "training/train.py", "--config", str(config), "--max-steps", "8")
     print(f"   loss curve: {trained / LOSS_CURVE_FILE}")
     print(f"   exported audio weights (official key format): {trained / EXPORT_FILE}")
+    evaluate(out, cluster, trained)
     return trained
+
+
+def evaluate(out: Path, cluster: LocalCluster, trained: Path) -> None:
+    print(
+        "   evaluation of the base and trained weights on held-out clips: `ray job submit ... evaluation/evaluate.py`"
+    )
+    evaluated = out / "evaluation"
+    config = with_absolute_paths(
+        ROOT / "evaluation/configs/demo.yaml",
+        out,
+        {
+            "test_set": str(write_held_out_clips(out / "held_out")),
+            "output": str(evaluated),
+            "models": [
+                {"name": "base", "model_dir": str(out / "tiny-model")},
+                {
+                    "name": "trained",
+                    "model_dir": str(out / "tiny-model"),
+                    "audio_weights": str(trained / "multitalk.safetensors"),
+                },
+            ],
+        },
+    )
+    submit_job(cluster, "python", "evaluation/evaluate.py", "--config", str(config))
+    summary = json.loads((evaluated / "summary.json").read_text())
+    for difference in summary["differences"]:
+        change = difference["metrics"].get(summary["primary_metric"], {})
+        print(f"   {difference['b']} - {difference['a']}, {summary['primary_metric']}: {change}")
+    print(f"   report: {evaluated / 'report.html'}")
 
 
 def serve_and_submit(out: Path, cluster: LocalCluster) -> None:

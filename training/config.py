@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from evaluation.clips import Protocol
 from multitalk_model.config import PRESETS, check_clip_frames
 from pipelines.schema import Kind
 from platform_common.config import ConfigError as ConfigError  # what load_config raises, for its callers
@@ -132,6 +134,22 @@ class MetricsConfig(ConfigSection):
     )
 
 
+class EvaluationSettings(ConfigSection):
+    test_set: str | None = Field(
+        default=None,
+        description="small fixed test set (curated test folder or manifest of videos); none: no evaluation",
+    )
+    every: int = Field(default=500, ge=1, description="optimizer steps between evaluations (and one at the end)")
+    max_clips: int = Field(default=4, ge=1, description="clips of the test set evaluated")
+    protocol: Protocol = Field(
+        default_factory=lambda: Protocol(steps=8, frame_num=33), description="generation settings (few steps, small)"
+    )
+    syncnet_path: str | None = Field(default=None, description="SyncNet weights for Sync-C/D")
+    keep_best: str | None = Field(
+        default=None, description="metric (e.g. sync.confidence) whose best step's audio weights go to OUTPUT/best"
+    )
+
+
 class TrainingConfig(ConfigSection):
     output: str | None = Field(
         default=None, description="folder for checkpoints, TensorBoard, metrics and the export (--output overrides)"
@@ -144,6 +162,9 @@ class TrainingConfig(ConfigSection):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="steps, batches, checkpoints")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray Train workers and restarts")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="throughput accounting")
+    evaluation: EvaluationSettings = Field(
+        default_factory=EvaluationSettings, description="periodic evaluation on held-out clips"
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
@@ -153,6 +174,8 @@ class TrainingConfig(ConfigSection):
                 f"schedule.global_batch_size {self.schedule.global_batch_size} is not a multiple of "
                 f"micro_batch_size x num_workers = {per_step}"
             )
+        if self.evaluation.test_set and self.deepspeed.zero_stage == 3:
+            raise ValueError("evaluation.test_set: periodic evaluation needs whole weights on rank 0 (ZeRO 1 or 2)")
         return self
 
     @model_validator(mode="after")
@@ -190,4 +213,8 @@ def load_config(
         config.model.audio_weights = existing_local_path(
             path, "model.audio_weights", config.model.audio_weights, "file"
         )
+    if config.evaluation.test_set:
+        config.evaluation.test_set = absolute_location(config.evaluation.test_set)
+        if not Path(config.evaluation.test_set).exists():
+            raise ConfigError(f"{path}: evaluation.test_set: {config.evaluation.test_set} does not exist")
     return config

@@ -35,6 +35,7 @@ from training.checkpointing import restore, save_and_report
 from training.config import TrainingConfig
 from training.data import ClipBatch, ClipStream, CursorTracker, build_loader
 from training.encoders import FrozenEncoders
+from training.evaluation import PeriodicEvaluation
 from training.metrics import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, plot_loss_curve
 from training.model import DTYPES, build_training_model, frozen_fingerprint
 from training.objective import model_inputs, velocity_loss
@@ -207,6 +208,13 @@ class Worker:
                 export_audio_weights(self.engine.module, path)
 
 
+def _periodic_evaluation(config: TrainingConfig, worker: Worker) -> PeriodicEvaluation | None:
+    """Rank 0's evaluation of the current weights on the configured test set, if any."""
+    if worker.rank != 0 or not config.evaluation.test_set:
+        return None
+    return PeriodicEvaluation(config.evaluation, config.model.model_dir, worker.encoders.components, config.output)
+
+
 def train_loop_per_worker(config_values: dict) -> None:
     """Ray Train's entry on every worker."""
     config = TrainingConfig.model_validate(config_values)
@@ -215,6 +223,7 @@ def train_loop_per_worker(config_values: dict) -> None:
     worker.restore()
     batches = iter(build_loader(worker.dataset, config.data))
     metrics_log = MetricsLog(output) if worker.rank == 0 else None
+    evaluation = _periodic_evaluation(config, worker)
     sample_log = None
     if config.data.log_sample_keys:
         (output / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
@@ -228,6 +237,9 @@ def train_loop_per_worker(config_values: dict) -> None:
         last = worker.step == schedule.max_steps
         if last:
             changed = metrics["frozen_tensors_changed"] = worker.frozen_tensors_changed()
+        if evaluation is not None and evaluation.due(worker.step, last):
+            scores = evaluation(worker.engine.module, worker.step)
+            metrics.update({f"eval/{name}": value for name, value in scores.items()})
         if metrics_log is not None:
             metrics_log.write(worker.step, {k: v for k, v in metrics.items() if k != "step"})
         if sample_log is not None:

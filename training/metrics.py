@@ -26,7 +26,8 @@ class MetricsLog:
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
-            self.writer.add_scalar(f"train/{name}", value, step)
+            # Names with a group of their own (eval/sync.confidence) keep it; the rest are training's.
+            self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
         self.writer.flush()
         with (self.output / METRICS_FILE).open("a") as file:
             file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,15 +32,22 @@ class Stage:
     def __call__(self, row: dict) -> dict:
         clip: Clip = row["clip"]
         if not clip.rejected:
+            started = time.perf_counter()
             try:
                 self.process(clip)
             except INPUT_ERRORS as error:
                 logger.warning("%s: %s rejected %s: %s", self.name, clip.source, clip.clip_id, error)
                 clip.reject(self.name, RejectReason.ERROR, f"{type(error).__name__}: {error}")
+            add_stage_time(clip, self.name, time.perf_counter() - started)
         return {"clip": clip}
 
     def process(self, clip: Clip) -> None:
         raise NotImplementedError
+
+
+def add_stage_time(clip: Clip, stage: str, seconds: float) -> None:
+    """Count worker seconds spent on a record by a stage (the report's per-stage time)."""
+    clip.stage_seconds[stage] = clip.stage_seconds.get(stage, 0.0) + seconds
 
 
 def clip_frames(clip: Clip, start_frame: int = 0, num_frames: int | None = None) -> np.ndarray:

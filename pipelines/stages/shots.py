@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import decord
 import numpy as np
 
 from pipelines.config import CurationConfig
 from pipelines.record import Clip
 from pipelines.schema import AUDIO_RATE, SAMPLE_FPS, RejectReason, clip_id
-from pipelines.stages.base import INPUT_ERRORS
+from pipelines.stages.base import INPUT_ERRORS, add_stage_time
 from pipelines.storage import local_copy
 
 _THUMBNAIL_SIZE = (64, 36)  # width, height: enough for colour histograms, cheap to decode
@@ -43,11 +45,14 @@ class ShotStage:
         source: Clip = row["clip"]
         if source.rejected:
             return [row]
+        started = time.perf_counter()
         try:
             histograms = self._histograms(source)
         except INPUT_ERRORS as error:
             source.reject(self.name, RejectReason.UNREADABLE, f"{type(error).__name__}: {error}")
             return [row]
+        finally:
+            add_stage_time(source, self.name, time.perf_counter() - started)
         cuts = [0, *shot_boundaries(histograms, self.threshold), len(histograms)]
         starts = clip_windows(list(zip(cuts, cuts[1:], strict=False)), self.frame_num, self.stride)
         if not starts:
@@ -60,6 +65,8 @@ class ShotStage:
             if identity in self.done_clip_ids:
                 continue  # committed by an earlier run
             clips.append({"clip": self._window(source, identity, start)})
+        for window in clips:  # the source's time so far, shared by its windows
+            window["clip"].stage_seconds = {name: value / len(clips) for name, value in source.stage_seconds.items()}
         return clips
 
     def _histograms(self, source: Clip) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -9,6 +11,7 @@ from multitalk_model.audio import loudness_normalize
 from multitalk_model.wav2vec import Wav2VecEncoder
 from pipelines.config import CurationConfig
 from pipelines.record import Clip
+from pipelines.stages.base import add_stage_time
 
 
 class Wav2VecStage:
@@ -31,6 +34,7 @@ class Wav2VecStage:
         for clip in clips:
             by_length.setdefault(clip.num_frames, []).append(clip)
         for num_frames, group in by_length.items():
+            started = time.perf_counter()
             # As at generation: each stream at -23 LUFS before wav2vec2.
             waves = [loudness_normalize(stream) for clip in group for stream in clip.person_audio]
             features = self.encoder.encode_batch(waves, num_frames).to(torch.float16).numpy()
@@ -38,4 +42,6 @@ class Wav2VecStage:
             for clip in group:
                 clip.wav2vec = features[first : first + len(clip.person_audio)]
                 first += len(clip.person_audio)
+            for clip in group:
+                add_stage_time(clip, self.name, (time.perf_counter() - started) / len(group))
         return batch
