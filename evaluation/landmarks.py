@@ -19,9 +19,7 @@ import numpy as np
 from multitalk_model.faces import FaceDetector, MTCNNDetector
 
 # dlib's 68-point scheme (iBUG 300-W), 0-indexed.
-JAW = slice(0, 17)
 MOUTH = slice(48, 68)  # outer lip 48..59, inner lip 60..67
-_INNER_UPPER, _INNER_LOWER = [61, 62, 63], [67, 66, 65]  # inner lip points facing each other
 _LEFT_EYE_OUTER, _RIGHT_EYE_OUTER = 36, 45
 
 
@@ -131,13 +129,6 @@ def face_tracks(frames: np.ndarray, num_persons: int | None = None, detect_every
     """Boxes and landmarks of every person along `frames`."""
     boxes = detect_tracks(frames, num_persons, detect_every)
     return FaceTracks(boxes=boxes, landmarks=landmarks_68(frames, boxes))
-
-
-def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
-    """[..., T] inner-lip gap over the distance between the outer eye corners (scale-free) of [..., T, 68, 2]."""
-    gap = np.linalg.norm(landmarks[..., _INNER_UPPER, :] - landmarks[..., _INNER_LOWER, :], axis=-1).mean(axis=-1)
-    eyes = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
-    return gap / np.maximum(eyes, 1e-6)
 
 
 def mouth_motion(landmarks: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from multitalk_model.audio import SAMPLE_RATE, VIDEO_FPS
 
 SAMPLES_PER_FRAME = SAMPLE_RATE // VIDEO_FPS  # 640 audio samples per video frame
 ENVELOPE_FLOOR_DB = 45.0  # the envelope is floored this far below its loudest frame: silence is one level
-SPEECH_BELOW_PEAK_DB = 30.0  # a frame is speech when its loudness is within this of the loudest frames
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,6 @@ def audio_envelope(wave: np.ndarray, num_frames: int) -> np.ndarray:
     rms = np.sqrt(np.mean(np.square(samples.reshape(num_frames, SAMPLES_PER_FRAME)), axis=1))
     level = 20 * np.log10(np.maximum(rms, 1e-6))
     return np.maximum(level, level.max() - ENVELOPE_FLOOR_DB)
-
-
-def speech_activity(envelope: np.ndarray) -> np.ndarray:
-    """[T] bool: frames loud enough to be speech (within `SPEECH_BELOW_PEAK_DB` of the 95th percentile level)."""
-    return envelope > np.percentile(envelope, 95) - SPEECH_BELOW_PEAK_DB
 
 
 def _standardized(values: np.ndarray) -> np.ndarray:

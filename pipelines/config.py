@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from multitalk_model.config import check_clip_frames
-from pipelines.schema import Kind
+from pipelines.schema import InputKind
 from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config, require
 
 # whisperx 3.8.6 with what it resolves against on a CUDA worker: its pins (torch~=2.8, huggingface-hub<1) clash with
@@ -73,12 +73,12 @@ class SpeakersConfig(ConfigSection):
 
 
 class SyncConfig(ConfigSection):
-    max_offset_frames: int = Field(default=5, ge=0, description="largest offset the correlation searches, frames")
+    max_offset_frames: int = Field(default=3, ge=0, description="largest offset the landmark score searches, frames")
     min_confidence: float = Field(
-        default=0.0, ge=-1, le=1, description="lowest correlation sync score kept (single and dual)"
+        default=0.2, ge=-1, le=1, description="lowest landmark sync score kept (single and dual; evaluation.lipsync)"
     )
     syncnet_path: str | None = Field(
-        default=None, description="SyncNet weights (syncnet_python's syncnet_v2.model): Sync-C/D, not the correlation"
+        default=None, description="SyncNet weights (syncnet_python's syncnet_v2.model): Sync-C/D, not the landmarks"
     )
     syncnet_vshift: int = Field(default=15, ge=1, description="largest offset SyncNet searches, frames (vshift)")
     min_syncnet_confidence: float = Field(default=3.0, ge=0, description="lowest Sync-C kept (single and dual)")
@@ -157,7 +157,9 @@ class SplitConfig(ConfigSection):
 class CurationConfig(ConfigSection):
     input: str | None = Field(default=None, description="folder/URI of videos, or a manifest (.jsonl/.csv/.parquet)")
     output: str | None = Field(default=None, description="folder/URI the shards, manifest and report are written to")
-    default_kind: Kind = Field(default="single", description="corpus kind of videos listed from a folder")
+    default_kind: InputKind = Field(
+        default="auto", description="kind of videos listed from a folder (auto: single or dual from the face tracks)"
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster address or auto (default: RAY_ADDRESS, else a local Ray)"
     )

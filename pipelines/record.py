@@ -18,8 +18,9 @@ class Clip:
     """One input (before the shots stage) or one clip window of it (after)."""
 
     source: str  # the input as listed (path or URI)
-    kind: str  # single | multi_event | dual
+    kind: str  # single | multi_event | dual, or auto until the faces stage decides
     caption: str | None = None
+    kind_reason: str | None = None  # why an auto input got its kind
 
     # Probe: the source.
     source_hash: str | None = None

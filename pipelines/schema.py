@@ -15,6 +15,9 @@ from multitalk_model.audio import SAMPLE_RATE, VIDEO_FPS
 
 Kind = Literal["single", "multi_event", "dual"]
 KINDS: tuple[str, ...] = ("single", "multi_event", "dual")
+# An input's kind may also be left to the faces stage: one face track makes it single, two make it dual.
+InputKind = Literal["auto", "single", "multi_event", "dual"]
+INPUT_KINDS: tuple[str, ...] = ("auto", *KINDS)
 # Every clip is resampled to the model's frame rate; per-person audio is at wav2vec's input rate.
 SAMPLE_FPS = VIDEO_FPS
 AUDIO_RATE = SAMPLE_RATE
@@ -69,7 +72,7 @@ class PersonMetadata(_Strict):
     binding_confidence: float | None = Field(description="how clearly the speech was bound to this face (0..1)")
     sync_confidence: float | None = Field(default=None, description="audio-visual sync score (SyncNet: Sync-C)")
     sync_offset: int | None = Field(default=None, description="audio lag of the best sync, in frames")
-    sync_distance: float | None = Field(default=None, description="SyncNet's Sync-D (None with the correlation)")
+    sync_distance: float | None = Field(default=None, description="SyncNet's Sync-D (None with the landmark score)")
 
 
 class Word(_Strict):
@@ -103,12 +106,16 @@ class Scores(_Strict):
     sync_confidence: float | None = Field(default=None, description="lowest sync score of the persons")
     sync_offset: float | None = Field(default=None, description="mean sync offset of the persons, in frames")
     sync_distance: float | None = Field(default=None, description="highest Sync-D of the persons (SyncNet only)")
+    binding_accuracy: float | None = Field(
+        default=None, description="share of dual persons whose own stream binds to them (landmark sync only)"
+    )
 
 
 class ClipMetadata(_Strict):
     """The `json` member of a sample."""
 
     kind: Kind
+    kind_reason: str | None = Field(default=None, description="why an `auto` input got its kind (None: it was given)")
     source: str
     source_hash: str
     start_s: float = Field(description="start of the clip in the source")
@@ -132,6 +139,7 @@ _MANIFEST_BASE = [
     ("clip_id", pa.string()),
     ("shard", pa.string()),
     ("kind", pa.string()),
+    ("kind_reason", pa.string()),
     ("source", pa.string()),
     ("source_hash", pa.string()),
     ("start_s", pa.float64()),
@@ -184,6 +192,7 @@ def manifest_row(metadata: ClipMetadata, clip: str, shard: str) -> dict:
         "clip_id": clip,
         "shard": shard,
         "kind": metadata.kind,
+        "kind_reason": metadata.kind_reason,
         "source": metadata.source,
         "source_hash": metadata.source_hash,
         "start_s": metadata.start_s,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.schema import KINDS
+from pipelines.schema import INPUT_KINDS
 
 _MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 _CACHE_DIR = Path(tempfile.gettempdir()) / "multitalk-curation-sources"
@@ -67,8 +67,10 @@ def _read_manifest(uri: str, fs: pafs.FileSystem, path: str, default_kind: str) 
         if not row.get("path"):
             raise ValueError(f"input manifest {uri}: row {number} has no 'path'")
         kind = row.get("kind") or default_kind
-        if kind not in KINDS:
-            raise ValueError(f"input manifest {uri}: row {number}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        if kind not in INPUT_KINDS:
+            raise ValueError(
+                f"input manifest {uri}: row {number}: kind {kind!r} is not one of {', '.join(INPUT_KINDS)}"
+            )
         source = row["path"]
         if "://" not in source and not Path(source).is_absolute():
             source = _join(base, source)  # relative to the manifest's folder

@@ -297,7 +297,7 @@ def test_clip_ids_come_from_content_and_window():
     [
         ({"clips": {"frame_num": 80}}, "clips.frame_num: Value error, must be 4n + 1"),
         ({"faces": {"detect_evry": 4}}, "faces.detect_evry: Extra inputs are not permitted"),
-        ({"default_kind": "trio"}, "default_kind: Input should be 'single', 'multi_event' or 'dual'"),
+        ({"default_kind": "trio"}, "default_kind: Input should be 'auto', 'single', 'multi_event' or 'dual'"),
         ({"wav2vec": {"model_path": None}}, "wav2vec.model_path: required"),
         ({"wav2vec": {"model_path": "/nonexistent/w2v"}}, "wav2vec.model_path: /nonexistent/w2v is not a directory"),
     ],

@@ -34,7 +34,9 @@ def _syncnet_python_evaluate(model: SyncNet, crops: np.ndarray, audio: np.ndarra
         for i in range(0, lastframe, batch_size):
             im_batch = [imtv[:, :, vframe : vframe + 5, :, :] for vframe in range(i, min(lastframe, i + batch_size))]
             im_feat.append(model.forward_lip(torch.cat(im_batch, 0)))
-            cc_batch = [cct[:, :, :, vframe * 4 : vframe * 4 + 20] for vframe in range(i, min(lastframe, i + batch_size))]
+            cc_batch = [
+                cct[:, :, :, vframe * 4 : vframe * 4 + 20] for vframe in range(i, min(lastframe, i + batch_size))
+            ]
             cc_feat.append(model.forward_aud(torch.cat(cc_batch, 0)))
     im_feat, cc_feat = torch.cat(im_feat, 0), torch.cat(cc_feat, 0)
     # calc_pdist

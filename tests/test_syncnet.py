@@ -13,13 +13,13 @@ import torch
 import yaml
 
 from evaluation.mfcc import mfcc
-from evaluation.syncnet import CROP_SIZE, SyncNet, face_crops, load_syncnet
+from evaluation.syncnet import CROP_SIZE, SyncNet, distance_table, face_crops, load_syncnet, offset_and_confidence
 from multitalk_model.audio import load_speech
 from multitalk_model.faces import MTCNNDetector
 from multitalk_model.media import read_video_frames, write_video
 from pipelines.config import CurationConfig, load_config
 from pipelines.record import Clip
-from pipelines.stages.sync import SyncStage, distance_table, offset_and_confidence
+from pipelines.stages.sync import SyncStage
 
 NUM_FRAMES = 9  # four lip windows: enough to run every step, cheap on a CPU
 

@@ -90,6 +90,10 @@ class FaceStage(Stage):
             for track in track_faces(detections, self.config.track_iou)
             if len(track) >= self.config.min_track_coverage * len(detected_at)
         ]
+        if clip.kind == "auto":
+            self._decide_kind(clip, len(tracks))
+            if clip.rejected:
+                return
         required = _REQUIRED_FACES.get(clip.kind)
         if required is not None and len(tracks) != required:
             clip.reject(self.name, RejectReason.FACE_COUNT, f"{clip.kind} needs {required} faces, found {len(tracks)}")
@@ -112,6 +116,18 @@ class FaceStage(Stage):
         clip.mouth_motion = np.stack([mouth_motion(gray, person) for person in boxes])
         clip.tracks = boxes * clip.detect_scale
         clip.scores["motion"] = float(clip.mouth_motion.mean())
+
+    @staticmethod
+    def _decide_kind(clip: Clip, num_tracks: int) -> None:
+        """`default_kind: auto`: one steady face makes a single-speaker clip, two a conversation; whether they speak
+        is for the speaker and sync stages to judge, as for a given kind."""
+        kinds = {count: kind for kind, count in _REQUIRED_FACES.items()}
+        if num_tracks not in kinds:
+            detail = f"auto: {num_tracks} face tracks, neither single (1) nor dual (2)"
+            clip.reject("faces", RejectReason.FACE_COUNT, detail)
+            return
+        clip.kind = kinds[num_tracks]
+        clip.kind_reason = f"auto: {num_tracks} face track{'s' if num_tracks > 1 else ''}"
 
     @staticmethod
     def _interpolate(track: dict[int, np.ndarray], detected_at: list[int], num_frames: int) -> np.ndarray:

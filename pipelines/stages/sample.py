@@ -54,6 +54,7 @@ def clip_metadata(clip: Clip) -> ClipMetadata:
         )
     return ClipMetadata(
         kind=clip.kind,
+        kind_reason=clip.kind_reason,
         source=clip.source,
         source_hash=clip.source_hash,
         start_s=clip.start_s,
