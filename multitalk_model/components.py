@@ -2,7 +2,8 @@
 
 A model directory is a diffusers-format Wan2.1-I2V folder plus the audio parts:
 
-    model_index.json        diffusers' pipeline index (names the component classes)
+    model_index.json        diffusers' pipeline index (names the component classes); its "family" says which
+                            sampler the audio weights were trained for: "multitalk" (the default) or "infinitetalk"
     text_encoder/           UMT5EncoderModel (umT5-XXL)
     tokenizer/              its tokenizer (anything AutoTokenizer loads)
     image_encoder/          CLIPVisionModel (ViT-H/14; a CLIPVisionModelWithProjection checkpoint loads too)
@@ -76,6 +77,8 @@ SUBFOLDERS = (
 )
 LAYOUT = "a MultiTalk model directory holds model_index.json and " + ", ".join(f"{name}/" for name in SUBFOLDERS)
 AUDIO_WEIGHTS = "multitalk.safetensors"
+# Model families: one transformer and weight layout, trained for different samplers (generation.py, infinitetalk.py).
+FAMILIES = ("multitalk", "infinitetalk")
 AUDIO_MANIFEST = "multitalk.json"
 # MultiTalkConfig fields of the audio branch: recorded by form (1), set by multitalk.json for forms (2) and (3).
 AUDIO_FIELDS = (
@@ -106,6 +109,7 @@ class MultiTalkComponents:
     audio_encoder: Wav2VecEncoder
     scheduler: SchedulerMixin
     config: MultiTalkConfig
+    family: str = "multitalk"  # which sampler the audio weights were trained for: one of FAMILIES
 
 
 def load_components(
@@ -117,6 +121,7 @@ def load_components(
     """Loads a model directory (layout in the module docstring); the text encoder may live on its own device."""
     model_dir = Path(model_dir)
     _check_layout(model_dir)
+    family = model_family(model_dir)
     text_config = UMT5Config.from_pretrained(model_dir / "text_encoder", local_files_only=True)
     image_config = CLIPVisionConfig.from_pretrained(model_dir / "image_encoder", local_files_only=True)
     audio_config = Wav2Vec2Config.from_pretrained(model_dir / "wav2vec2", local_files_only=True)
@@ -155,7 +160,17 @@ def load_components(
         audio_encoder=Wav2VecEncoder.from_pretrained(model_dir / "wav2vec2", device=device, dtype=torch.float32),
         scheduler=_load_scheduler(model_dir / "scheduler"),
         config=config,
+        family=family,
     )
+
+
+def model_family(model_dir: str | Path) -> str:
+    """The family model_index.json names ("multitalk" when it names none); any other value is an error."""
+    index_file = Path(model_dir) / "model_index.json"
+    family = _read_json(index_file).get("family", "multitalk")
+    if family not in FAMILIES:
+        raise ValueError(f"{index_file}: family {family!r} is not one of {', '.join(FAMILIES)}")
+    return family
 
 
 @torch.no_grad()
@@ -338,10 +353,12 @@ def _load_scheduler(scheduler_dir: Path) -> SchedulerMixin:
 
 
 __all__ = [
+    "FAMILIES",
     "MultiTalkComponents",
     "encode_image",
     "encode_prompt",
     "load_components",
+    "model_family",
     "vae_decode",
     "vae_encode",
 ]

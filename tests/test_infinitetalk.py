@@ -1,0 +1,277 @@
+"""InfiniteTalk: each piece of its sampler against the reference's own procedure, and video dubbing end to end.
+
+The `reference_*` functions restate, on tiny inputs, what MeiGen-AI/InfiniteTalk wan/multitalk.py
+`generate_infinitetalk` and wan/utils/utils.py `extract_specific_frames` do (its loop, its mask, its pastes, its
+audio padding, its frame choice); the project's functions must give the same results.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multitalk_model.audio import load_audio_track
+from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+from multitalk_model.generate import main as generate_main
+from multitalk_model.generation import GenerationError, MultiTalkPipeline, _condition_mask, _reflect_to, plan_clips
+from multitalk_model.infinitetalk import (
+    InfiniteTalkPipeline,
+    audio_frames_needed,
+    denoise_clip,
+    reference_frame_indices,
+    video_frame_count,
+)
+from multitalk_model.jobs import GenerationJob, JobError, load_job
+from multitalk_model.media import probe_media, write_video
+from multitalk_model.sampling import add_noise, shifted_timesteps
+from multitalk_model.wav2vec import audio_windows
+
+# ------------------------------------------------------------------------------- the reference's procedure
+
+
+def reference_clip_loop(audio_frames: int, frame_num: int, motion_frame: int, max_frames_num: int):
+    """generate_infinitetalk's while loop with the sampling left out: each clip's audio_start_idx, the end of the
+    audio it reads after padding, and the length of the returned video."""
+    starts, kept, miss_lengths = [], 0, []
+    audio_len = audio_frames
+    is_first_clip, arrive_last_frame, cur_motion_frames_num = True, False, 1
+    audio_start_idx = 0
+    audio_end_idx = audio_start_idx + frame_num
+    while True:
+        starts.append(audio_start_idx)
+        kept += frame_num if is_first_clip else frame_num - cur_motion_frames_num
+        if arrive_last_frame:
+            break
+        is_first_clip = False
+        cur_motion_frames_num = motion_frame
+        audio_start_idx += frame_num - cur_motion_frames_num
+        audio_end_idx = audio_start_idx + frame_num
+        if audio_end_idx >= min(max_frames_num, audio_len):
+            arrive_last_frame = True
+            miss_lengths = []
+            if audio_end_idx >= audio_len:
+                miss_length = audio_end_idx - audio_len + 3
+                audio_len += miss_length
+                miss_lengths.append(miss_length)
+            else:
+                miss_lengths.append(0)
+        if max_frames_num <= frame_num:
+            break
+    length = min(kept, max_frames_num)
+    if max_frames_num > frame_num and sum(miss_lengths) > 0:
+        length = min(length, audio_frames)
+    return starts, audio_len, length
+
+
+def reference_condition_mask(frame_num: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    msk = torch.ones(1, frame_num, lat_h, lat_w)
+    msk[:, 1:] = 0
+    msk = torch.concat([torch.repeat_interleave(msk[:, 0:1], repeats=4, dim=1), msk[:, 1:]], dim=1)
+    msk = msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w)
+    return msk.transpose(1, 2)
+
+
+def reference_denoise(latent, latent_motion_frames, timesteps, model, is_first_clip):
+    """The sampling loop of one clip (vanilla guidance folded into `model`), with its re-noised pastes."""
+    cur_motion_frames_latent_num = latent_motion_frames.shape[1]
+    inputs = []
+    if not is_first_clip:
+        noise = torch.randn_like(latent_motion_frames)
+        latent[:, :cur_motion_frames_latent_num] = add_noise(latent_motion_frames, noise, timesteps[0])
+    for i in range(len(timesteps) - 1):
+        latent[:, :cur_motion_frames_latent_num] = latent_motion_frames
+        inputs.append(latent.clone())
+        noise_pred = -model(latent, timesteps[i])
+        dt = (timesteps[i] - timesteps[i + 1]) / 1000
+        latent = latent + noise_pred * dt
+        if not is_first_clip:
+            noise = torch.randn_like(latent_motion_frames)
+            latent[:, :cur_motion_frames_latent_num] = add_noise(latent_motion_frames, noise, timesteps[i + 1])
+        latent[:, :cur_motion_frames_latent_num] = latent_motion_frames
+    return latent, inputs
+
+
+def reference_audio_windows(features: torch.Tensor, audio_start_idx: int, audio_end_idx: int) -> torch.Tensor:
+    """The last clip's audio: the reversed tail appended past the end, then 5-frame windows clamped."""
+    if audio_end_idx >= len(features):
+        miss_length = audio_end_idx - len(features) + 3
+        features = torch.cat([features, torch.flip(features[-miss_length:], dims=[0])])
+    indices = torch.arange(audio_start_idx, audio_end_idx)[:, None] + (torch.arange(5) - 2)[None]
+    return features[indices.clamp(0, len(features) - 1)]
+
+
+def reference_frame_index(frame_id: int, num_frames: int) -> int:
+    """extract_specific_frames: the frame at frame_id, or the last one past the end."""
+    return frame_id if frame_id < num_frames else num_frames - 1
+
+
+# ------------------------------------------------------------------------------------------- the pieces
+
+
+@pytest.mark.parametrize("frame_num, motion_frames", [(81, 9), (33, 9), (17, 5)])
+@pytest.mark.parametrize("audio_frames", [82, 153, 154, 465, 1200])
+@pytest.mark.parametrize("max_frames", [1000, 150])
+def test_clip_plan_output_length_and_reference_frames_follow_the_reference(
+    frame_num, motion_frames, audio_frames, max_frames
+):
+    ref_starts, _, ref_length = reference_clip_loop(audio_frames, frame_num, motion_frames, max_frames)
+    # What prepare gives streaming mode: the audio's frames, capped by max_duration_s.
+    num_frames = min(audio_frames, max_frames)
+    starts = plan_clips(num_frames, frame_num, motion_frames, streaming=True)
+    assert starts == ref_starts
+    kept = frame_num + (len(starts) - 1) * (frame_num - motion_frames)
+    assert min(kept, num_frames) == ref_length
+    source_frames = 300  # a 12 s source video: later clips take its last frame
+    assert reference_frame_indices(starts, source_frames) == [reference_frame_index(s, source_frames) for s in starts]
+
+
+def test_clip_mode_is_one_clip_of_frame_num_frames_as_the_reference():
+    ref_starts, _, ref_length = reference_clip_loop(465, 81, 9, max_frames_num=81)
+    assert plan_clips(min(465, 81), 81, 9, streaming=False) == ref_starts == [0] and ref_length == 81
+
+
+def test_condition_mask_marks_frame_0_only():
+    np.testing.assert_array_equal(_condition_mask(1, 21, 3, 5), reference_condition_mask(21, 3, 5))
+
+
+@pytest.mark.parametrize("is_first_clip, motion_latents", [(True, 1), (False, 3)])
+def test_paste_schedule_feeds_the_model_what_the_reference_feeds_it(is_first_clip, motion_latents):
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 6, 2, 3, generator=generator)
+    motion = torch.randn(1, 4, motion_latents, 2, 3, generator=generator)
+    timesteps = shifted_timesteps(4, 7.0)
+    weight = torch.randn(4, 6, 2, 3, generator=generator)
+
+    def model(x, t):  # any function of the whole latent: the motion frames' values reach every output
+        return torch.tanh(x * weight + x.mean() + t / 1000)
+
+    expected, expected_inputs = reference_denoise(latent[0].clone(), motion[0], timesteps, model, is_first_clip)
+    inputs = []
+
+    def velocity(x, t):
+        inputs.append(x[0].clone())
+        return model(x[0], t)[None]
+
+    result = denoise_clip(latent, motion, timesteps, velocity)
+    torch.testing.assert_close(result[0], expected, rtol=0, atol=0)
+    assert len(inputs) == len(expected_inputs) == 4
+    for ours, theirs in zip(inputs, expected_inputs, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours[:, :motion_latents], motion[0], rtol=0, atol=0)  # clean at every step
+
+
+@pytest.mark.parametrize("audio_frames, last_start", [(465, 432), (441, 360), (470, 360), (60, 0)])
+def test_audio_of_the_last_clip_is_padded_as_the_reference(audio_frames, last_start):
+    features = torch.randn(audio_frames, 2, 3, generator=torch.Generator().manual_seed(1))
+    end = last_start + 81
+    ours = audio_windows(_reflect_to(features, audio_frames_needed(end, audio_frames)))[last_start:end]
+    torch.testing.assert_close(ours, reference_audio_windows(features, last_start, end), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- with the tiny model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "infinitetalk", family="infinitetalk")
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir) -> InfiniteTalkPipeline:
+    return MultiTalkPipeline.from_model_dir(model_dir)
+
+
+def test_the_model_directory_picks_the_sampler(model_dir, tmp_path, shared_media):
+    pipeline = MultiTalkPipeline.from_model_dir(model_dir)
+    assert type(pipeline) is InfiniteTalkPipeline
+    multitalk = MultiTalkPipeline.from_model_dir(build_tiny_model_dir(tmp_path / "multitalk"))
+    assert type(multitalk) is MultiTalkPipeline
+    job = GenerationJob.model_validate(
+        {
+            "video": str(shared_media / "talking_man_25fps.mp4"),
+            "persons": [{"audio": str(shared_media / "dubbing_speech_16k.wav")}],
+        }
+    )
+    with pytest.raises(GenerationError, match="video: dubbing a video needs an InfiniteTalk model"):
+        multitalk.prepare(job)
+    # Each family fills in its own motion frames: the reference CLIs' defaults.
+    assert pipeline.prepare(job).job.motion_frames == 9
+    index = json.loads((tmp_path / "multitalk" / "model_index.json").read_text())
+    (tmp_path / "multitalk" / "model_index.json").write_text(json.dumps({**index, "family": "wan"}))
+    with pytest.raises(ValueError, match="family 'wan' is not one of multitalk, infinitetalk"):
+        MultiTalkPipeline.from_model_dir(tmp_path / "multitalk")
+
+
+def test_each_clip_is_conditioned_on_the_source_frame_at_its_start(pipeline, shared_media, tmp_path):
+    # A 25 fps video whose frame i is flat grey at 8 i: the chosen frames say their index.
+    levels = 8 * np.arange(20)
+    frames = np.broadcast_to(levels[:, None, None, None], (20, 64, 48, 3)).astype(np.uint8)
+    video = write_video(tmp_path / "counter.mp4", frames, 25)
+    assert video_frame_count(str(video)) == 20
+    job = GenerationJob.model_validate(
+        {
+            "video": str(video),
+            "persons": [{"audio": str(shared_media / "dubbing_speech_16k.wav")}],
+            "resolution": (32, 32),
+        }
+    )
+    prepared = pipeline.prepare(job)
+    starts = [0, 12, 24, 36]
+    chosen = pipeline.reference_frames(prepared, starts)
+    expected = [levels[reference_frame_index(start, 20)] for start in starts]  # 0, 96, 152 (last), 152
+    assert [round(float(frame.mean())) for frame in chosen] == pytest.approx(expected, abs=2)
+
+
+def test_official_infinitetalk_json_reads_cond_video_as_a_video_or_an_image(shared_media, tmp_path):
+    def official(cond_video: str) -> Path:
+        path = tmp_path / f"{Path(cond_video).stem}.json"
+        audio = {"person1": str(shared_media / "dubbing_speech_16k.wav")}
+        path.write_text(json.dumps({"prompt": "a man is talking", "cond_video": cond_video, "cond_audio": audio}))
+        return path
+
+    video_job = load_job(official(str(shared_media / "talking_man_25fps.mp4")))
+    assert video_job.video == str(shared_media / "talking_man_25fps.mp4") and video_job.image is None
+    image_job = load_job(official(str(shared_media / "one_person_studio.png")))
+    assert image_job.image == str(shared_media / "one_person_studio.png") and image_job.video is None
+    with pytest.raises(JobError, match="video: no such file"):
+        load_job(official(str(tmp_path / "missing.mp4")))
+    with pytest.raises(ValueError, match="either image .* or video"):
+        GenerationJob.model_validate(
+            {"image": "a.png", "video": "b.mp4", "persons": [{"audio": "a.wav"}]}  # both
+        )
+
+
+def test_dubbing_the_portrait_video_from_the_command_line(model_dir, shared_media, tmp_path):
+    speech = shared_media / "dubbing_speech_16k.wav"
+    job_file = tmp_path / "dub.json"
+    job_file.write_text(
+        json.dumps(
+            {
+                "prompt": "a man is talking",
+                "cond_video": str(shared_media / "talking_portrait_hevc_30fps.mp4"),
+                "cond_audio": {"person1": str(speech)},
+            }
+        )
+    )
+    out = tmp_path / "dubbed.mp4"
+    # Three clips of 25 frames advancing by 16: the 18.6 s speech capped at 2 s (the reference's max_frame_num).
+    flags = ["--steps", "1", "--frame-num", "25", "--max-duration-s", "2", "--resolution", "112", "64"]
+    args = ["--input", str(job_file), "--model-dir", str(model_dir), "--out", str(out), "--mode", "streaming"]
+    assert generate_main(args + flags) == 0
+
+    info = probe_media(out)
+    _, _, expected_frames = reference_clip_loop(int(18.6 * 25), 25, 9, max_frames_num=50)
+    assert info.fps == 25 and info.num_frames == expected_frames == 50
+    assert (info.width, info.height) == (64, 112)
+    # The sound is the new speech (16 kHz mono), not the source video's own voice (44.1 kHz stereo).
+    assert info.has_audio and (info.audio_rate, info.audio_channels) == (16000, 1)
+    dubbed, _ = load_audio_track(out)
+    original, _ = load_audio_track(speech)
+    # Normalised correlation with the speech's first 1.5 s, at the best lag within the AAC encoder's delay.
+    segment = original[0, 2048 : 2048 + 24000]
+    correlations = [
+        np.corrcoef(dubbed[0, 2048 + lag : 2048 + lag + 24000], segment)[0, 1] for lag in range(-2048, 2049, 8)
+    ]
+    assert max(correlations) > 0.9
