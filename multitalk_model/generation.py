@@ -36,6 +36,7 @@ from .audio import (
 )
 from .color import match_colors
 from .components import MultiTalkComponents, encode_image, encode_prompt, load_components, vae_decode, vae_encode
+from .conditioning import condition_channels, given_latent_frames, paste_given_frames
 from .config import get_preset
 from .faces import FaceDetector, build_face_detector
 from .guidance import TEACACHE_COEFFICIENTS, APGState, GuidanceScales, GuidedDenoiser, StepCache
@@ -51,7 +52,7 @@ from .regions import (
     target_size,
     validate_box,
 )
-from .sampling import add_noise, euler_step, shifted_timesteps
+from .sampling import euler_step, shifted_timesteps
 from .wav2vec import audio_windows
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,45 @@ class GenerationResult:
     region_source: str
     seconds: float
     step_cache_skipped: float  # share of pass forwards the step cache skipped (0 without it)
+
+
+@dataclass(frozen=True)
+class _JobConditions:
+    """What every clip of a job is conditioned on."""
+
+    text: torch.Tensor  # [1, text_len, text_dim]
+    negative_text: torch.Tensor
+    audio: torch.Tensor  # [1, P, frames, window, layers, channels] for the whole job
+    region_masks: torch.Tensor | None  # [1, P + 1, h, w] on the latent grid; None for one person
+
+
+@dataclass(frozen=True)
+class _ClipCondition:
+    """One clip's given frames, encoded."""
+
+    given_frames: int  # video frames given: 1 (the reference image) or the motion frames of the previous clip
+    image_states: torch.Tensor  # CLIP of the last given frame [1, 257, image_dim]
+    latent: torch.Tensor  # VAE latent of the given frames then grey frames [1, C, T, h, w]
+    paste: bool  # whether the given frames are also pasted into the noisy latent (every clip but the first)
+
+
+@dataclass(frozen=True)
+class _StepHooks:
+    """The caller's cancellation check before each step and progress report after it."""
+
+    clip: int  # 1-based
+    clips: int
+    steps: int
+    progress: Callable[[Progress], None] | None
+    cancelled: Callable[[], bool] | None
+
+    def before(self, step: int) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise GenerationCancelled(f"cancelled at clip {self.clip}, step {step + 1}")
+
+    def after(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress(Progress(self.clip, self.clips, step + 1, self.steps))
 
 
 def plan_clips(num_frames: int, frame_num: int, motion_frames: int, streaming: bool) -> list[int]:
@@ -266,71 +306,103 @@ class MultiTalkPipeline:
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, float]:
-        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped."""
-        job, c = prepared.job, self.components
-        device = self.device
-        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
-        audio = self._audio_features(prepared, starts[-1] + job.frame_num)
-        with self._on_device(c.text_encoder):
-            text, negative_text = encode_prompt(c, [job.prompt, job.negative_prompt], device).split(1)
-        masks = self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None
-        timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(device)
-        scales = GuidanceScales(text=job.text_guidance, audio=job.audio_guidance)
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-        height, width = prepared.image.shape[:2]
-        latent_shape = (16, (job.frame_num - 1) // 4 + 1, height // 8, width // 8)
+        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped.
 
-        condition = torch.tensor(prepared.image).permute(2, 0, 1)[:, None].float() / 127.5 - 1  # [3, 1, H, W]
+        Clip after clip: encode its condition (the reference image, then the previous clip's last motion frames),
+        denoise its latent, decode it and keep the frames that are new.
+        """
+        job = prepared.job
+        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
+        conditions = self._job_conditions(prepared, starts[-1] + job.frame_num)
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        condition = _to_pixels(prepared.image)[:, None]  # [3, 1, H, W]: the reference image is the first condition
         frames: list[np.ndarray] = []
         cache_computed = cache_skipped = 0
         for clip_index, clip_start in enumerate(starts):
-            first = clip_index == 0
-            motion = condition.shape[1]
-            with self._on_device(c.image_encoder):
-                image_states = encode_image(c, _to_uint8(condition[:, -1]))
-            with self._on_device(c.vae):
-                padded = F.pad(condition, (0, 0, 0, 0, 0, job.frame_num - motion))
-                condition_latent = vae_encode(c, padded[None].to(device))
-                motion_latent = None if first else vae_encode(c, condition[None].to(device))
-            y = torch.cat([_condition_mask(motion, job.frame_num, *latent_shape[2:]).to(device), condition_latent], 1)
-
+            clip = self._encode_clip_condition(condition, job.frame_num, paste=clip_index > 0)
+            audio = conditions.audio[:, :, clip_start : clip_start + job.frame_num]
             step_cache = (
                 StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
             )
-            denoiser = GuidedDenoiser(
-                c.transformer,
-                scales,
-                text,
-                negative_text,
-                image_states.to(device),
-                audio[:, :, clip_start : clip_start + job.frame_num].to(device),
-                masks,
-                apg=APGState() if job.use_apg else None,
-                step_cache=step_cache,
-            )
-            latent = torch.randn(1, *latent_shape, generator=generator).to(device)
-            with self._on_device(c.transformer):
-                latent = self._paste_motion(latent, motion_latent, timesteps[0], generator)
-                for step in range(job.steps):
-                    if cancelled is not None and cancelled():
-                        raise GenerationCancelled(f"cancelled at clip {clip_index + 1}, step {step + 1}")
-                    velocity = denoiser(torch.cat([latent, y.to(latent.dtype)], 1), timesteps[step])
-                    latent = euler_step(latent, velocity, timesteps[step], timesteps[step + 1])
-                    latent = self._paste_motion(latent, motion_latent, timesteps[step + 1], generator)
-                    if progress is not None:
-                        progress(Progress(clip_index + 1, len(starts), step + 1, job.steps))
+
+            hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
+            latent = self._denoise_clip(job, clip, conditions, audio, step_cache, generator, hooks)
             if step_cache is not None:
                 cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
-
-            with self._on_device(c.vae):
-                video = vae_decode(c, latent)[0].float().clamp(-1, 1).cpu()  # [3, F, H, W]
-            clip_frames = _to_uint8(video.permute(1, 2, 3, 0))
-            if job.color_correction > 0:
-                clip_frames = match_colors(clip_frames, prepared.image, job.color_correction)
-            frames.append(clip_frames if first else clip_frames[motion:])
-            condition = torch.from_numpy(clip_frames[-job.motion_frames :]).permute(3, 0, 1, 2).float() / 127.5 - 1
+            clip_frames = self._decode_clip(latent, prepared)
+            frames.append(clip_frames if clip_index == 0 else clip_frames[clip.given_frames :])
+            condition = _to_pixels(clip_frames[-job.motion_frames :])  # [3, motion, H, W]
         total = cache_computed + cache_skipped
         return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
+
+    def _job_conditions(self, prepared: PreparedJob, frames_needed: int) -> _JobConditions:
+        """What every clip of a job shares: the encoded prompts, the audio features and the latent region masks."""
+        components = self.components
+        with self._on_device(components.text_encoder):
+            prompts = [prepared.job.prompt, prepared.job.negative_prompt]
+            text, negative_text = encode_prompt(components, prompts, self.device).split(1)
+        return _JobConditions(
+            text=text,
+            negative_text=negative_text,
+            audio=self._audio_features(prepared, frames_needed),
+            region_masks=self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None,
+        )
+
+    def _encode_clip_condition(self, condition: torch.Tensor, frame_num: int, paste: bool) -> _ClipCondition:
+        """A clip's condition from its given frames [3, n, H, W] in [-1, 1]: CLIP of the last, VAE of them all."""
+        components = self.components
+        given_frames = condition.shape[1]
+        with self._on_device(components.image_encoder):
+            image_states = encode_image(components, _to_uint8(condition[:, -1]))
+        with self._on_device(components.vae):
+            padded = F.pad(condition, (0, 0, 0, 0, 0, frame_num - given_frames))  # grey frames after the given ones
+            latent = vae_encode(components, padded[None].to(self.device))
+        return _ClipCondition(given_frames, image_states.to(self.device), latent, paste)
+
+    def _denoise_clip(
+        self,
+        job: GenerationJob,
+        clip: _ClipCondition,
+        conditions: _JobConditions,
+        audio: torch.Tensor,
+        step_cache: StepCache | None,
+        generator: torch.Generator,
+        hooks: _StepHooks,
+    ) -> torch.Tensor:
+        """Runs the guided Euler steps of one clip from noise; the given frames are pasted before and after each."""
+        components = self.components
+        timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(self.device)
+        denoiser = GuidedDenoiser(
+            components.transformer,
+            GuidanceScales(text=job.text_guidance, audio=job.audio_guidance),
+            conditions.text,
+            conditions.negative_text,
+            clip.image_states,
+            audio.to(self.device),
+            conditions.region_masks,
+            apg=APGState() if job.use_apg else None,
+            step_cache=step_cache,
+        )
+        latent = torch.randn(clip.latent.shape, generator=generator).to(self.device)
+        channels = condition_channels(clip.latent, clip.given_frames).to(latent.dtype)
+        with self._on_device(components.transformer):
+            latent = self._paste_given_frames(latent, clip, timesteps[0], generator)
+            for step in range(job.steps):
+                hooks.before(step)
+                velocity = denoiser(torch.cat([latent, channels], 1), timesteps[step])
+                latent = euler_step(latent, velocity, timesteps[step], timesteps[step + 1])
+                latent = self._paste_given_frames(latent, clip, timesteps[step + 1], generator)
+                hooks.after(step)
+        return latent
+
+    def _decode_clip(self, latent: torch.Tensor, prepared: PreparedJob) -> np.ndarray:
+        """A clip's latent -> uint8 frames [F, H, W, 3], colour-matched to the reference image when asked."""
+        with self._on_device(self.components.vae):
+            video = vae_decode(self.components, latent)[0].float().clamp(-1, 1).cpu()  # [3, F, H, W]
+        frames = _to_uint8(video.permute(1, 2, 3, 0))
+        if prepared.job.color_correction > 0:
+            frames = match_colors(frames, prepared.image, prepared.job.color_correction)
+        return frames
 
     def _cache_coefficients(self, job: GenerationJob) -> tuple[float, ...] | None:
         """The reference's fitted TeaCache polynomial for the 14B model at this size; raw change for other models."""
@@ -355,19 +427,20 @@ class MultiTalkPipeline:
         return torch.stack(features)[None].to(self.components.transformer.dtype)
 
     def _latent_masks(self, masks: np.ndarray) -> torch.Tensor:
-        """Pixel masks [P + 1, H, W] -> the latent grid [1, P + 1, H / 8, W / 8] (nearest, as the reference)."""
+        """Pixel masks [P + 1, H, W] -> the latent grid [1, P + 1, H / s, W / s] (nearest, as the reference)."""
         pixels = torch.from_numpy(masks)[None].float()
-        return F.interpolate(pixels, scale_factor=1 / 8, mode="nearest").to(self.device)
+        spatial = self.components.vae.config.scale_factor_spatial
+        return F.interpolate(pixels, scale_factor=1 / spatial, mode="nearest").to(self.device)
 
     @staticmethod
-    def _paste_motion(latent, motion_latent, t, generator) -> torch.Tensor:
-        """Overwrites the motion frames' latents with their clean latents re-noised to time t."""
-        if motion_latent is None:
+    def _paste_given_frames(latent, clip: _ClipCondition, t, generator) -> torch.Tensor:
+        """Later clips overwrite their motion frames' latents with the clean ones re-noised to time t; the first
+        clip is conditioned on the reference image through the condition channels alone, as in the reference."""
+        if not clip.paste:
             return latent
-        noise = torch.randn(motion_latent.shape, generator=generator).to(latent)
-        latent = latent.clone()
-        latent[:, :, : motion_latent.shape[2]] = add_noise(motion_latent.to(latent), noise, t)
-        return latent
+        shape = (*clip.latent.shape[:2], given_latent_frames(clip.given_frames), *clip.latent.shape[3:])
+        noise = torch.randn(shape, generator=generator)
+        return paste_given_frames(latent, clip.latent, clip.given_frames, t, noise)
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
@@ -409,17 +482,14 @@ def _reflect_to(features: torch.Tensor, frames: int) -> torch.Tensor:
     return features[:frames]
 
 
-def _condition_mask(condition_frames: int, frame_num: int, height: int, width: int) -> torch.Tensor:
-    """The 4 mask channels of the I2V condition: 1 on the conditioning frames, [1, 4, T, h, w] as the reference."""
-    mask = torch.zeros(1, frame_num, height, width)
-    mask[:, :condition_frames] = 1
-    # The first frame stands for a whole latent frame: repeat it 4 times, then fold 4 frames per latent frame.
-    mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)
-    return mask.view(1, -1, 4, height, width).transpose(1, 2)
-
-
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """Pixels in [-1, 1] (channels last, or [3, H, W]) -> uint8, channels last."""
     if pixels.ndim == 3 and pixels.shape[0] == 3:
         pixels = pixels.permute(1, 2, 0)
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames, channels last ([H, W, 3] or [F, H, W, 3]) -> float pixels in [-1, 1], channels first."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1
+    return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.permute(3, 0, 1, 2)

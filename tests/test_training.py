@@ -34,7 +34,6 @@ from multitalk_model.checkpoints import build_model, load_weights
 from multitalk_model.config import get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
-from multitalk_model.generation import _condition_mask
 from multitalk_model.media import read_video_frames, write_video
 from multitalk_model.transformer import model_kwargs
 from pipelines.config import load_config as load_curation_config
@@ -46,7 +45,7 @@ from training.encoders import FrozenEncoders
 from training.export import export_checkpoint
 from training.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
 from training.model import build_training_model, check_trainable, transformer_weights
-from training.objective import drop_conditions, first_frame_mask, model_inputs, velocity_loss
+from training.objective import drop_conditions, model_inputs, velocity_loss
 
 pytestmark = pytest.mark.slow
 
@@ -283,13 +282,6 @@ def test_zero3_partitions_every_weight_and_the_forwards_and_a_step_still_work(tm
         for persons in (1, 2):
             torch.testing.assert_close(result["zero3"][persons], result["before"][persons])
         assert not torch.allclose(result["trained"], result["before"][1])  # the audio branch trained
-
-
-def test_first_frame_condition_is_the_inference_mask():
-    latent_frames, height, width = 3, 6, 5
-    inference = _condition_mask(1, 4 * (latent_frames - 1) + 1, height, width)[0]
-
-    assert torch.equal(first_frame_mask(latent_frames, height, width), inference)
 
 
 def _batch(sources: list[str], persons: int = 1) -> ClipBatch:

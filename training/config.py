@@ -64,6 +64,22 @@ class ObjectiveConfig(ConfigSection):
     text_dropout: float = Field(default=0.1, ge=0, lt=1, description="rate of captions replaced by the null prompt")
     audio_dropout: float = Field(default=0.1, ge=0, lt=1, description="rate of audio-video samples with audio zeroed")
     null_prompt: str = Field(default="", description="what a dropped caption (or a clip without one) becomes")
+    motion_condition_ratio: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="share of samples conditioned on their first motion_frames frames, as streaming inference "
+        "conditions every clip after the first (the rest: on their first frame, as the first clip)",
+    )
+    motion_frames: int = Field(
+        default=25, description="video frames (4n + 1) given to motion-conditioned samples, as generation's"
+    )
+    loss_weighting: Literal["none", "diffsynth"] = Field(
+        default="none",
+        description="per-timestep loss weights: none, or the bell DiffSynth-Studio weights Wan's training with",
+    )
+
+    _motion_frames_are_4n_plus_1 = field_validator("motion_frames")(check_clip_frames)
 
 
 class OptimizerConfig(ConfigSection):
@@ -129,6 +145,15 @@ class TrainingConfig(ConfigSection):
             raise ValueError(
                 f"schedule.global_batch_size {self.schedule.global_batch_size} is not a multiple of "
                 f"micro_batch_size x num_workers = {per_step}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _motion_frames_fit(self) -> TrainingConfig:
+        if self.objective.motion_condition_ratio > 0 and self.objective.motion_frames >= self.data.num_frames:
+            raise ValueError(
+                f"objective.motion_frames {self.objective.motion_frames} must be fewer than data.num_frames "
+                f"{self.data.num_frames} (or set objective.motion_condition_ratio to 0)"
             )
         return self
 

@@ -2,9 +2,13 @@
 
 For a clip with normalised VAE latent x0, noise e and a timestep t in (0, 1) drawn with the configured shift, the
 model sees x_t = (1 - t) x0 + t e and must predict the velocity e - x0 (the convention of multitalk_model.sampling).
-It is conditioned as generation conditions it: the first frame through the 4 mask channels and the VAE latent of
-the first frame followed by grey frames, CLIP of the first frame, umT5 of the caption, and for AI2V clips the
-persons' audio with their regions. The loss covers the latent frames after the first: the first is the given one.
+It is conditioned as generation conditions a clip (multitalk_model.conditioning, the one definition of both): most
+samples on their first frame, as the first clip of a video; a share (`motion_condition_ratio`) on their first
+`motion_frames` frames, as every later clip of a streamed video is conditioned on the previous clip's last motion
+frames, with those frames' clean latents re-noised and pasted into x_t. Either way the condition channels hold the
+mask and the VAE latent of the given frames followed by grey frames, CLIP sees the last given frame, umT5 the
+caption, and AI2V clips the persons' audio with their regions. The loss covers the latent frames after the given
+ones, optionally weighted per timestep as DiffSynth-Studio weights Wan's flow-matching training.
 
 Multi-task: I2V clips (multi-event, no speech) and AI2V clips with dropped audio see the null audio of inference
 guidance, one silent stream; dropped captions (and clips without one) see the null prompt. With both dropped, the
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from multitalk_model.conditioning import condition_channels, given_latent_frames, paste_given_frames
 from training.config import ObjectiveConfig
 from training.data import AI2V, ClipBatch
 from training.encoders import FrozenEncoders
@@ -30,7 +35,8 @@ class ModelInputs:
     """Everything one transformer call of training needs, on the training device."""
 
     latents: torch.Tensor  # x0 [B, 16, T, h, w]
-    condition: torch.Tensor  # [B, 20, T, h, w]: 4 mask channels + VAE latent of the first frame and grey frames
+    condition: torch.Tensor  # [B, 20, T, h, w]: 4 mask channels + VAE latent of the given frames and grey frames
+    given_frames: list[int]  # per sample: video frames given as the condition (1, or the motion frames)
     text: torch.Tensor  # [B, text_len, text_dim]
     image: torch.Tensor  # [B, 257, image_dim]
     audio: torch.Tensor  # [B, P, F, window, layers, channels]
@@ -48,15 +54,31 @@ def sample_timesteps(batch_size: int, config: ObjectiveConfig, generator: torch.
     return shift * t / (1 + (shift - 1) * t)
 
 
-def first_frame_mask(latent_frames: int, height: int, width: int) -> torch.Tensor:
-    """The I2V condition's 4 mask channels [4, T, h, w]: one on the first latent frame (the given frame).
+def timestep_loss_weights(t: torch.Tensor, config: ObjectiveConfig) -> torch.Tensor:
+    """Per-sample loss weights of shifted timesteps t in (0, 1); ones unless `loss_weighting` is "diffsynth".
 
-    Inference (multitalk_model.generation) marks the given video frame, repeats the first frame 4 times and folds 4
-    video frames per latent frame: with one given frame, that is all four channels on latent frame 0.
+    DiffSynth-Studio trains Wan on the 1000 timesteps of its shifted schedule, each loss weighted by a bell around
+    the middle of the time range, exp(-2 (t - 1/2)^2), less its smallest value on the schedule and scaled to a mean
+    of 1 over the schedule. The same function of t here, with the schedule of this run's shift.
     """
-    mask = torch.zeros(4, latent_frames, height, width)
-    mask[:, 0] = 1
-    return mask
+    if config.loss_weighting == "none":
+        return torch.ones_like(t)
+    shift = config.timestep_shift
+    schedule = torch.linspace(1, 0, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64)[:-1]
+    schedule = shift * schedule / (1 + (shift - 1) * schedule)
+
+    def bell(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-2 * (x - 0.5) ** 2)
+
+    floor = bell(schedule).min()
+    scale = len(schedule) / (bell(schedule) - floor).sum()
+    return ((bell(t.double()) - floor) * scale).to(t.dtype)
+
+
+def sample_given_frames(batch_size: int, config: ObjectiveConfig, generator: torch.Generator) -> list[int]:
+    """Per sample, the video frames given as condition: `motion_frames` for a `motion_condition_ratio` share, else 1."""
+    motion = torch.rand(batch_size, generator=generator) < config.motion_condition_ratio
+    return [config.motion_frames if as_later_clip else 1 for as_later_clip in motion.tolist()]
 
 
 def drop_conditions(
@@ -91,17 +113,25 @@ def model_inputs(
 ) -> ModelInputs:
     """Runs the frozen encoders and builds the conditions of a batch (dropouts drawn from `generator`)."""
     captions, audio, streams = drop_conditions(batch, config, generator)
+    given_frames = sample_given_frames(len(batch), config, generator)
     video = batch.video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, F, H, W] in [-1, 1]
     latents = encoders.video(video, device)
-    # The condition video as generation builds it: the given first frame, then grey (zero) frames.
-    condition_video = F.pad(video[:, :, :1], (0, 0, 0, 0, 0, video.shape[2] - 1))
-    condition_latents = encoders.video(condition_video, device)
-    mask = first_frame_mask(*latents.shape[2:]).to(device)[None].expand(len(batch), -1, -1, -1, -1)
+    # The condition video as generation builds it: the given frames, then grey (zero) frames.
+    given = torch.arange(video.shape[2])[None] < torch.tensor(given_frames)[:, None]  # [B, F]
+    condition_latents = encoders.video(video * given[:, None, :, None, None], device)
+    condition = torch.cat(
+        [
+            condition_channels(latent[None], frames)
+            for latent, frames in zip(condition_latents, given_frames, strict=True)
+        ]
+    )
+    last_given = batch.video[torch.arange(len(batch)), torch.tensor(given_frames) - 1]  # CLIP sees the last given
     return ModelInputs(
         latents=latents.to(dtype),
-        condition=torch.cat([mask, condition_latents], dim=1).to(dtype),
+        condition=condition.to(dtype),
+        given_frames=given_frames,
         text=encoders.text(captions, device).to(dtype),
-        image=encoders.image(batch.video[:, 0], device).to(dtype),
+        image=encoders.image(last_given, device).to(dtype),
         audio=audio.to(device, dtype),
         audio_streams=streams.to(device),
         region_masks=batch.region_masks.to(device),
@@ -111,12 +141,14 @@ def model_inputs(
 def velocity_loss(
     model: torch.nn.Module, inputs: ModelInputs, config: ObjectiveConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Mean squared error of the predicted velocity on every latent frame after the first."""
+    """Mean squared error of the predicted velocity on every latent frame after the given ones, per sample weighted
+    by its timestep (see `timestep_loss_weights`), averaged over the batch."""
     latents = inputs.latents
     t = sample_timesteps(len(latents), config, generator).to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     t_latent = t.view(-1, 1, 1, 1, 1).to(latents.dtype)
     noisy = (1 - t_latent) * latents + t_latent * noise
+    noisy = _paste_given(noisy, inputs, t * NUM_TRAIN_TIMESTEPS, noise)
     prediction = model(
         hidden_states=torch.cat([noisy, inputs.condition], dim=1),
         timestep=t * NUM_TRAIN_TIMESTEPS,
@@ -128,4 +160,23 @@ def velocity_loss(
         return_dict=False,
     )[0]
     target = noise - latents
-    return F.mse_loss(prediction[:, :, 1:].float(), target[:, :, 1:].float())
+    losses = torch.stack(
+        [
+            F.mse_loss(prediction[i, :, first:].float(), target[i, :, first:].float())
+            for i, first in enumerate(map(given_latent_frames, inputs.given_frames))
+        ]
+    )
+    return (losses * timestep_loss_weights(t.float(), config)).mean()
+
+
+def _paste_given(noisy: torch.Tensor, inputs: ModelInputs, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Pastes each sample's given frames into its noisy latent as inference does (their latents re-noised to t).
+
+    The paste noise is the sample's own, so where the clip's latent equals the condition's (the causal VAE encodes
+    the given frames alike alone or in the clip) the input is the plain x_t."""
+    condition_latents = inputs.condition[:, -noisy.shape[1] :]
+    pasted = []
+    for i, frames in enumerate(inputs.given_frames):
+        given_noise = noise[i : i + 1, :, : given_latent_frames(frames)]
+        pasted.append(paste_given_frames(noisy[i : i + 1], condition_latents[i : i + 1], frames, t[i], given_noise))
+    return torch.cat(pasted)
