@@ -19,31 +19,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .audio import SAMPLE_RATE, VIDEO_FPS
-from .color import match_colors
-from .components import encode_image, encode_prompt, vae_decode, vae_encode
+from .components import vae_encode
+from .conditioning import paste_given_frames
 from .generation import (
-    GenerationCancelled,
     GenerationError,
     MultiTalkPipeline,
     PreparedJob,
     Progress,
-    _condition_mask,
-    _to_uint8,
+    _ClipCondition,
+    _StepHooks,
+    _to_pixels,
     plan_clips,
 )
-from .guidance import APGState, GuidanceScales, GuidedDenoiser, StepCache
+from .guidance import StepCache
 from .jobs import GenerationJob
 from .media import MediaError, probe_media, read_video_frames
 from .regions import resize_and_center_crop
-from .sampling import euler_step, shifted_timesteps
-
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latent, t) -> the guided velocity
 
 
 def reference_frame_indices(clip_starts: list[int], source_frames: int) -> list[int]:
@@ -60,35 +57,18 @@ def audio_frames_needed(last_clip_end: int, audio_frames: int) -> int:
     return last_clip_end + 3 if last_clip_end >= audio_frames else audio_frames
 
 
-def paste_clean(latent: torch.Tensor, motion_latent: torch.Tensor) -> torch.Tensor:
-    """The latent [B, C, T, h, w] with its first latent frames replaced by the clean motion latents."""
-    latent = latent.clone()
-    latent[:, :, : motion_latent.shape[2]] = motion_latent.to(latent)
-    return latent
+def paste_clean(latent: torch.Tensor, motion_latent: torch.Tensor, motion_frames: int) -> torch.Tensor:
+    """The latent [B, C, T, h, w] with the latent frames of its first `motion_frames` frames set to the clean
+    motion latents: the shared paste (conditioning.py) at time 0."""
+    return paste_given_frames(latent, motion_latent, motion_frames, 0.0, torch.zeros_like(motion_latent))
 
 
-def denoise_clip(
-    latent: torch.Tensor,
-    motion_latent: torch.Tensor,
-    timesteps: torch.Tensor,
-    velocity: Velocity,
-    before_step: Callable[[int], None] | None = None,
-    after_step: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Euler steps over `timesteps` with the clean motion latents pasted before and after every step.
+@dataclass(frozen=True)
+class _InfiniteTalkClip(_ClipCondition):
+    """A clip's condition (frame 0: its reference frame) and the motion frames pasted clean around every step."""
 
-    (The reference also pastes re-noised motion latents before the first step and after every step, each at once
-    overwritten by the clean ones: their values never reach the model, so they are not made here.)
-    """
-    for step in range(len(timesteps) - 1):
-        if before_step is not None:
-            before_step(step)
-        latent = paste_clean(latent, motion_latent)
-        latent = euler_step(latent, velocity(latent, timesteps[step]), timesteps[step], timesteps[step + 1])
-        latent = paste_clean(latent, motion_latent)
-        if after_step is not None:
-            after_step(step)
-    return latent
+    motion_latent: torch.Tensor  # [1, C, motion latent frames, h, w]
+    motion_frames: int  # video frames they hold: 1 (the reference frame) in the first clip, then motion_frames
 
 
 def video_frame_count(path: str, fps: int = VIDEO_FPS) -> int:
@@ -103,11 +83,6 @@ def video_frame_count(path: str, fps: int = VIDEO_FPS) -> int:
             if start == 0:
                 raise
             start = max(0, start - 4 * fps)  # the header's length overshot the decodable frames
-
-
-def _pixels(frames: np.ndarray) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] -> [3, T, H, W] in [-1, 1]."""
-    return torch.tensor(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
 class InfiniteTalkPipeline(MultiTalkPipeline):
@@ -139,6 +114,24 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
             raise GenerationError(f"video: {error}") from None
         return [resize_and_center_crop(frame, size) for frame in frames]
 
+    def encode_clip(self, reference: np.ndarray, motion: torch.Tensor, frame_num: int) -> _InfiniteTalkClip:
+        """A clip's condition: its reference frame uint8 [H, W, 3] (CLIP, VAE, mask on frame 0) and its motion
+        frames [3, n, H, W] in [-1, 1], encoded alone (the first clip's, its reference frame, come with it)."""
+        clip = self._encode_clip_condition(_to_pixels(reference)[:, None], frame_num, paste=True)
+        motion_frames = motion.shape[1]
+        if motion_frames == 1:  # the reference frame: the causal VAE encodes the first frame alone
+            motion_latent = clip.latent[:, :, :1]
+        else:
+            with self._on_device(self.components.vae):
+                motion_latent = vae_encode(self.components, motion[None].to(self.device))
+        return _InfiniteTalkClip(**vars(clip), motion_latent=motion_latent, motion_frames=motion_frames)
+
+    @staticmethod
+    def _paste_given_frames(latent, clip: _InfiniteTalkClip, t, generator) -> torch.Tensor:
+        """The motion latents, clean at every time. MultiTalk's denoising loop pastes before the first step and
+        after every step: with clean latents that is the reference's paste before and after every step."""
+        return paste_clean(latent, clip.motion_latent, clip.motion_frames)
+
     @torch.no_grad()
     def sample(
         self,
@@ -147,72 +140,29 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, float]:
         """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped."""
-        job, c, device = prepared.job, self.components, self.device
+        job = prepared.job
         starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
         audio_frames = int(len(prepared.speech[0]) / SAMPLE_RATE * VIDEO_FPS)
-        audio = self._audio_features(prepared, audio_frames_needed(starts[-1] + job.frame_num, audio_frames))
+        conditions = self._job_conditions(prepared, audio_frames_needed(starts[-1] + job.frame_num, audio_frames))
         references = self.reference_frames(prepared, starts)
-        with self._on_device(c.text_encoder):
-            text, negative_text = encode_prompt(c, [job.prompt, job.negative_prompt], device).split(1)
-        masks = self._latent_masks(prepared.masks) if prepared.num_persons > 1 else None
-        timesteps = shifted_timesteps(job.steps, job.resolved_shift).to(device)
-        scales = GuidanceScales(text=job.text_guidance, audio=job.audio_guidance)
         generator = torch.Generator("cpu").manual_seed(job.seed)
-        height, width = prepared.image.shape[:2]
-        latent_shape = (16, (job.frame_num - 1) // 4 + 1, height // 8, width // 8)
-        # Only frame 0, the clip's reference frame, is marked as given.
-        condition_mask = _condition_mask(1, job.frame_num, *latent_shape[2:]).to(device)
-
-        motion = _pixels(references[0][None])  # the first clip's motion frame is its reference frame
+        motion = _to_pixels(references[0])[:, None]  # the first clip's motion frame is its reference frame
         frames: list[np.ndarray] = []
         cache_computed = cache_skipped = 0
         for clip_index, (clip_start, reference) in enumerate(zip(starts, references, strict=True)):
-            with self._on_device(c.image_encoder):
-                image_states = encode_image(c, reference)
-            with self._on_device(c.vae):
-                padded = F.pad(_pixels(reference[None]), (0, 0, 0, 0, 0, job.frame_num - 1))
-                condition_latent = vae_encode(c, padded[None].to(device))
-                motion_latent = vae_encode(c, motion[None].to(device))
-            y = torch.cat([condition_mask, condition_latent], 1)
+            clip = self.encode_clip(reference, motion, job.frame_num)
+            audio = conditions.audio[:, :, clip_start : clip_start + job.frame_num]
             step_cache = (
                 StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
             )
-            denoiser = GuidedDenoiser(
-                c.transformer,
-                scales,
-                text,
-                negative_text,
-                image_states.to(device),
-                audio[:, :, clip_start : clip_start + job.frame_num].to(device),
-                masks,
-                apg=APGState() if job.use_apg else None,
-                step_cache=step_cache,
-            )
-
-            def velocity(latent: torch.Tensor, t: torch.Tensor, denoiser=denoiser, y=y) -> torch.Tensor:
-                return denoiser(torch.cat([latent, y.to(latent.dtype)], 1), t)
-
-            def check_cancelled(step: int, clip: int = clip_index) -> None:
-                if cancelled is not None and cancelled():
-                    raise GenerationCancelled(f"cancelled at clip {clip + 1}, step {step + 1}")
-
-            def report(step: int, clip: int = clip_index) -> None:
-                if progress is not None:
-                    progress(Progress(clip + 1, len(starts), step + 1, job.steps))
-
-            latent = torch.randn(1, *latent_shape, generator=generator).to(device)
-            with self._on_device(c.transformer):
-                latent = denoise_clip(latent, motion_latent, timesteps, velocity, check_cancelled, report)
+            hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
+            latent = self._denoise_clip(job, clip, conditions, audio, step_cache, generator, hooks)
             if step_cache is not None:
                 cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
-
-            with self._on_device(c.vae):
-                video = vae_decode(c, latent)[0].float().clamp(-1, 1).cpu()  # [3, F, H, W]
-            clip_frames = _to_uint8(video.permute(1, 2, 3, 0))
-            if job.color_correction > 0:  # towards the first reference frame, in every clip (as the reference)
-                clip_frames = match_colors(clip_frames, references[0], job.color_correction)
+            # Colour-matched to prepared.image, the first clip's reference frame, in every clip (as the reference).
+            clip_frames = self._decode_clip(latent, prepared)
             frames.append(clip_frames if clip_index == 0 else clip_frames[job.motion_frames :])
-            motion = _pixels(clip_frames[-job.motion_frames :])
+            motion = _to_pixels(clip_frames[-job.motion_frames :])
         total = cache_computed + cache_skipped
         return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
 
@@ -220,7 +170,6 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
 __all__ = [
     "InfiniteTalkPipeline",
     "audio_frames_needed",
-    "denoise_clip",
     "paste_clean",
     "reference_frame_indices",
     "video_frame_count",

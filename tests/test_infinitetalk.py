@@ -13,13 +13,22 @@ import pytest
 import torch
 
 from multitalk_model.audio import load_audio_track
+from multitalk_model.components import vae_encode
+from multitalk_model.conditioning import condition_mask
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.generate import main as generate_main
-from multitalk_model.generation import GenerationError, MultiTalkPipeline, _condition_mask, _reflect_to, plan_clips
+from multitalk_model.generation import (
+    GenerationError,
+    MultiTalkPipeline,
+    _reflect_to,
+    _StepHooks,
+    _to_pixels,
+    plan_clips,
+)
+from multitalk_model.guidance import GuidanceScales, GuidedDenoiser
 from multitalk_model.infinitetalk import (
     InfiniteTalkPipeline,
     audio_frames_needed,
-    denoise_clip,
     reference_frame_indices,
     video_frame_count,
 )
@@ -74,15 +83,13 @@ def reference_condition_mask(frame_num: int, lat_h: int, lat_w: int) -> torch.Te
 
 
 def reference_denoise(latent, latent_motion_frames, timesteps, model, is_first_clip):
-    """The sampling loop of one clip (vanilla guidance folded into `model`), with its re-noised pastes."""
+    """The sampling loop of one clip (the guided prediction is `model`), with its re-noised pastes."""
     cur_motion_frames_latent_num = latent_motion_frames.shape[1]
-    inputs = []
     if not is_first_clip:
         noise = torch.randn_like(latent_motion_frames)
         latent[:, :cur_motion_frames_latent_num] = add_noise(latent_motion_frames, noise, timesteps[0])
     for i in range(len(timesteps) - 1):
         latent[:, :cur_motion_frames_latent_num] = latent_motion_frames
-        inputs.append(latent.clone())
         noise_pred = -model(latent, timesteps[i])
         dt = (timesteps[i] - timesteps[i + 1]) / 1000
         latent = latent + noise_pred * dt
@@ -90,7 +97,7 @@ def reference_denoise(latent, latent_motion_frames, timesteps, model, is_first_c
             noise = torch.randn_like(latent_motion_frames)
             latent[:, :cur_motion_frames_latent_num] = add_noise(latent_motion_frames, noise, timesteps[i + 1])
         latent[:, :cur_motion_frames_latent_num] = latent_motion_frames
-    return latent, inputs
+    return latent
 
 
 def reference_audio_windows(features: torch.Tensor, audio_start_idx: int, audio_end_idx: int) -> torch.Tensor:
@@ -133,33 +140,7 @@ def test_clip_mode_is_one_clip_of_frame_num_frames_as_the_reference():
 
 
 def test_condition_mask_marks_frame_0_only():
-    np.testing.assert_array_equal(_condition_mask(1, 21, 3, 5), reference_condition_mask(21, 3, 5))
-
-
-@pytest.mark.parametrize("is_first_clip, motion_latents", [(True, 1), (False, 3)])
-def test_paste_schedule_feeds_the_model_what_the_reference_feeds_it(is_first_clip, motion_latents):
-    generator = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, 4, 6, 2, 3, generator=generator)
-    motion = torch.randn(1, 4, motion_latents, 2, 3, generator=generator)
-    timesteps = shifted_timesteps(4, 7.0)
-    weight = torch.randn(4, 6, 2, 3, generator=generator)
-
-    def model(x, t):  # any function of the whole latent: the motion frames' values reach every output
-        return torch.tanh(x * weight + x.mean() + t / 1000)
-
-    expected, expected_inputs = reference_denoise(latent[0].clone(), motion[0], timesteps, model, is_first_clip)
-    inputs = []
-
-    def velocity(x, t):
-        inputs.append(x[0].clone())
-        return model(x[0], t)[None]
-
-    result = denoise_clip(latent, motion, timesteps, velocity)
-    torch.testing.assert_close(result[0], expected, rtol=0, atol=0)
-    assert len(inputs) == len(expected_inputs) == 4
-    for ours, theirs in zip(inputs, expected_inputs, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-        torch.testing.assert_close(ours[:, :motion_latents], motion[0], rtol=0, atol=0)  # clean at every step
+    np.testing.assert_array_equal(condition_mask(1, 21, 3, 5), reference_condition_mask(21, 3, 5))
 
 
 @pytest.mark.parametrize("audio_frames, last_start", [(465, 432), (441, 360), (470, 360), (60, 0)])
@@ -181,6 +162,53 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(model_dir) -> InfiniteTalkPipeline:
     return MultiTalkPipeline.from_model_dir(model_dir)
+
+
+@pytest.mark.parametrize("motion_frames", [1, 9])
+def test_a_clip_is_denoised_as_the_reference_denoises_it(pipeline, shared_media, motion_frames):
+    """The first clip (its reference frame as the one motion frame) and a later one (9 motion frames): the same
+    condition channels, CLIP input, motion latents and pastes give the reference's latent."""
+    job = GenerationJob.model_validate(
+        {
+            "image": str(shared_media / "one_person_studio.png"),
+            "persons": [{"audio": str(shared_media / "one_person_studio.wav")}],
+            "steps": 3,
+            "frame_num": 17,
+            "resolution": (32, 48),
+            "seed": 3,
+        }
+    )
+    prepared = pipeline.prepare(job)
+    conditions = pipeline._job_conditions(prepared, job.frame_num)
+    audio = conditions.audio[:, :, : job.frame_num]
+    reference = _to_pixels(prepared.image)[:, None]  # [3, 1, H, W]
+    motion = reference if motion_frames == 1 else torch.rand(3, motion_frames, 32, 48) * 2 - 1
+    clip = pipeline.encode_clip(prepared.image, motion, job.frame_num)
+    hooks = _StepHooks(1, 1, job.steps, None, None)
+    ours = pipeline._denoise_clip(prepared.job, clip, conditions, audio, None, torch.Generator().manual_seed(5), hooks)
+
+    c = pipeline.components
+    padded = torch.cat([reference, torch.zeros(3, job.frame_num - 1, 32, 48)], dim=1)
+    y = torch.cat([reference_condition_mask(job.frame_num, 4, 6), vae_encode(c, padded[None])], dim=1)
+    latent_motion_frames = vae_encode(c, motion[None])[0]  # the reference encodes the motion frames alone
+    denoiser = GuidedDenoiser(
+        c.transformer,
+        GuidanceScales(job.text_guidance, job.audio_guidance),
+        conditions.text,
+        conditions.negative_text,
+        pipeline.encode_clip(prepared.image, reference, job.frame_num).image_states,  # CLIP of the reference frame
+        audio,
+        None,
+    )
+    noise = torch.randn(ours.shape, generator=torch.Generator().manual_seed(5))
+    timesteps = shifted_timesteps(job.steps, job.resolved_shift)
+
+    def model(latent, t):
+        return denoiser(torch.cat([latent[None], y], dim=1), t)[0]
+
+    expected = reference_denoise(noise[0].clone(), latent_motion_frames, timesteps, model, motion_frames == 1)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[0, :, : latent_motion_frames.shape[1]], latent_motion_frames, rtol=1e-5, atol=1e-5)
 
 
 def test_the_model_directory_picks_the_sampler(model_dir, tmp_path, shared_media):
