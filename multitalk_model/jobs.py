@@ -273,7 +273,7 @@ def load_job(path: Path) -> GenerationJob:
             resolved_persons = [
                 person.model_copy(update={"audio": _resolve(person.audio, base_dir)}) for person in job.persons
             ]
-            sources = {key: _resolve(path, base_dir) for key in ("image", "video") if (path := getattr(job, key))}
+            sources = {key: _resolve(getattr(job, key), base_dir) for key in ("image", "video") if getattr(job, key)}
             job = job.model_copy(update={**sources, "persons": resolved_persons})
         _check_files_exist(job)
     except ValidationError as error:

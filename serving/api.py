@@ -161,10 +161,10 @@ def _save(upload: Any, field: str, path: Path) -> tuple[Upload, str]:
 
 def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tuple[dict[str, Any], dict[str, Path]]:
     """The job as stored (inputs named relative to the job's files) and the local file behind each name."""
-    image_name = f"inputs/image{image.suffix}"
+    image_name = f"inputs/{image.field}{image.suffix}"  # the image or the video
     audio_names = [f"inputs/audio{index + 1}{upload.suffix}" for index, upload in enumerate(audio)]
     persons = [person.model_copy(update={"audio": name}) for person, name in zip(job.persons, audio_names, strict=True)]
-    spec = job.model_copy(update={"image": image_name, "persons": persons}).model_dump(mode="json")
+    spec = job.model_copy(update={image.field: image_name, "persons": persons}).model_dump(mode="json")
     files = {image_name: image.path} | {name: upload.path for name, upload in zip(audio_names, audio, strict=False)}
     return spec, files
 
@@ -249,12 +249,16 @@ class VideosAPI:
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=255),
     ) -> JSONResponse:
-        """multipart/form-data: `image` (the reference image), `audio` once per person in order, and `options` (a JSON
-        object: GenerationJob fields, `boxes`, `fast`; or the official MultiTalk input JSON)."""
+        """multipart/form-data: `image` (the reference image) or `video` (a video to dub, InfiniteTalk models), `audio`
+        once per person in order, and `options` (a JSON object: GenerationJob fields, `boxes`, `fast`; or the official
+        MultiTalk / InfiniteTalk input JSON)."""
         owner = self._owner(credentials)
         limits = self.limits
-        largest = limits.max_image_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
-        limit_names = "limits.max_image_bytes + limits.max_persons x limits.max_audio_bytes"
+        source_bytes = max(limits.max_image_bytes, limits.max_video_bytes)
+        largest = source_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
+        limit_names = (
+            "max(limits.max_image_bytes, limits.max_video_bytes) + limits.max_persons x limits.max_audio_bytes"
+        )
         form = await _multipart(request, largest, limit_names, max_files=limits.max_persons + 2)
         response, created = await run_in_threadpool(self._submit, owner, form, idempotency_key)
         if created:
@@ -263,14 +267,19 @@ class VideosAPI:
 
     def _submit(self, owner: str, form: Any, idempotency_key: str | None) -> tuple[JSONResponse, bool]:
         """Checks, stores and queues a submission (in a worker thread: it decodes media and writes files)."""
-        if form.get("image") is None:
-            raise RequestRejected(422, "image: missing; upload the reference image as the field 'image'")
+        sources = [field for field in ("image", "video") if form.get(field) is not None]
+        if len(sources) != 1:
+            raise RequestRejected(
+                422,
+                "image / video: upload exactly one: the reference image as the field 'image', or a video to dub as "
+                f"the field 'video' (got {' and '.join(sources) or 'neither'})",
+            )
         options_text = form.get("options")
         if options_text is not None and not isinstance(options_text, str):
             raise RequestRejected(422, "options: must be a JSON text field, not a file")
         with tempfile.TemporaryDirectory(prefix="multitalk-upload-") as work:
             work_dir = Path(work)
-            image, image_hash = _save(form["image"], "image", work_dir / "image")
+            image, image_hash = _save(form[sources[0]], sources[0], work_dir / sources[0])
             saved = [
                 _save(upload, f"audio {index + 1}", work_dir / f"audio{index + 1}")
                 for index, upload in enumerate(form.getlist("audio"))

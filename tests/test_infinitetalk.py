@@ -36,6 +36,11 @@ from multitalk_model.jobs import GenerationJob, JobError, load_job
 from multitalk_model.media import probe_media, write_video
 from multitalk_model.sampling import add_noise, shifted_timesteps
 from multitalk_model.wav2vec import audio_windows
+from serving.api import _stored_spec
+from serving.config import ServingConfig
+from serving.generator import _local_job
+from serving.storage import Storage, job_file
+from serving.submission import RequestRejected, Upload, build_job
 
 # ------------------------------------------------------------------------------- the reference's procedure
 
@@ -303,3 +308,37 @@ def test_dubbing_the_portrait_video_from_the_command_line(model_dir, shared_medi
         np.corrcoef(dubbed[0, 2048 + lag : 2048 + lag + 24000], segment)[0, 1] for lag in range(-2048, 2049, 8)
     ]
     assert max(correlations) > 0.9
+
+
+# ------------------------------------------------------------------------------------------- the jobs API
+
+
+def _upload(field: str, path: Path) -> Upload:
+    return Upload(field=field, filename=path.name, path=path, size=path.stat().st_size)
+
+
+def test_jobs_api_takes_a_video_where_the_image_goes(model_dir, shared_media, tmp_path):
+    config = ServingConfig(model_dir=str(model_dir), api_keys=["key"], storage_uri=str(tmp_path / "files"))
+    video = _upload("video", shared_media / "talking_man_25fps.mp4")
+    speech = [_upload("audio 1", shared_media / "dubbing_speech_16k.wav")]
+    job = build_job({"mode": "streaming"}, video, speech, config)
+    assert job.video == str(video.path) and job.image is None
+
+    official = {"cond_video": "ref_video.mp4", "cond_audio": {"person1": "1.wav"}, "prompt": "a man is talking"}
+    assert build_job(official, video, speech, config).video == str(video.path)
+
+    # Stored as the generator replica finds it again.
+    storage = Storage(config.storage_uri)
+    spec, files = _stored_spec(job, video, speech)
+    for name, local in files.items():
+        storage.upload(local, job_file("job1", name))
+    fetched = _local_job(spec, "job1", storage, tmp_path / "work")
+    assert Path(fetched.video).read_bytes() == video.path.read_bytes() and fetched.image is None
+
+    multitalk = build_tiny_model_dir(tmp_path / "multitalk")
+    with pytest.raises(RequestRejected, match="video: dubbing a video needs an InfiniteTalk model"):
+        build_job({}, video, speech, config.model_copy(update={"model_dir": multitalk}))
+    with pytest.raises(RequestRejected, match="video .*'no_audio_track.png'.*"):
+        broken = tmp_path / "no_audio_track.png"
+        broken.write_bytes(b"not a video")
+        build_job({}, _upload("video", broken), speech, config)

@@ -68,9 +68,14 @@ function personsChanged() {
 
 // ------------------------------------------------------------------------------------------------------ regions
 
+// A chosen video is dubbed: the service finds the persons on its first frame.
+function isVideo(file) {
+  return file.type.startsWith("video/");
+}
+
 async function detectRegions() {
   const image = $("#image").files[0];
-  if (!image) return;
+  if (!image || isVideo(image)) return;
   const form = new FormData();
   form.append("image", image);
   form.append("persons", String(audioInputs().length));
@@ -87,6 +92,12 @@ async function detectRegions() {
 async function imageChosen() {
   const image = $("#image").files[0];
   if (!image) return;
+  if (isVideo(image)) {
+    state.picture = state.regions = null;
+    $("#regions-panel").hidden = true;
+    $("#mode").value = "streaming"; // a dub is as long as its new audio
+    return;
+  }
   state.picture = await createImageBitmap(image, { imageOrientation: "from-image" });
   $("#regions-panel").hidden = false;
   drawRegions();
@@ -184,11 +195,11 @@ async function submit(event) {
   const image = $("#image").files[0];
   const audio = audioInputs().map((input) => input.files[0]);
   if (!image || audio.some((file) => !file)) {
-    $("#form-error").textContent = "Choose an image and one audio file for every person.";
+    $("#form-error").textContent = "Choose an image or a video and one audio file for every person.";
     return;
   }
   const form = new FormData();
-  form.append("image", image);
+  form.append(isVideo(image) ? "video" : "image", image);
   audio.forEach((file) => form.append("audio", file));
   form.append("options", JSON.stringify(options()));
   $("#submit").disabled = true;
