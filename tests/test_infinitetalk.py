@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from multitalk_model.audio import load_audio_track
-from multitalk_model.components import vae_encode
-from multitalk_model.conditioning import condition_mask
+from multitalk_model.components import encode_image, vae_encode
+from multitalk_model.conditioning import condition_mask, given_latent_frames
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.generate import main as generate_main
 from multitalk_model.generation import (
@@ -41,6 +41,17 @@ from serving.config import ServingConfig
 from serving.generator import _local_job
 from serving.storage import Storage, job_file
 from serving.submission import RequestRejected, Upload, build_job
+from training.config import ObjectiveConfig
+from training.data import AI2V, ClipBatch
+from training.encoders import FrozenEncoders
+from training.objective import (
+    _paste_context,
+    drop_conditions,
+    model_inputs,
+    sample_given_frames,
+    sample_reference_positions,
+    velocity_loss,
+)
 
 # ------------------------------------------------------------------------------- the reference's procedure
 
@@ -342,3 +353,52 @@ def test_jobs_api_takes_a_video_where_the_image_goes(model_dir, shared_media, tm
         broken = tmp_path / "no_audio_track.png"
         broken.write_bytes(b"not a video")
         build_job({}, _upload("video", broken), speech, config)
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def test_training_the_infinitetalk_family_conditions_as_its_sampler(pipeline):
+    """Frame 0 given (the reference's mask), its VAE latent and CLIP from the frame at the sampled position, the
+    context frames pasted clean as the sampler pastes its motion frames, and no loss on them."""
+    c = pipeline.components
+    gen = torch.Generator().manual_seed(3)
+    tiny = c.config
+    batch = ClipBatch(
+        keys=["a", "b", "c"],
+        epochs=[0, 0, 0],
+        sources=[AI2V] * 3,
+        stream=0,
+        video=torch.randint(0, 256, (3, 17, 32, 48, 3), generator=gen, dtype=torch.uint8),
+        audio=torch.randn(3, 1, 17, tiny.audio_window, tiny.audio_layers, tiny.audio_channels, generator=gen),
+        audio_streams=torch.tensor([1, 1, 1]),
+        region_masks=torch.ones(3, 2, 4, 6),
+        captions=["a man is talking"] * 3,
+    )
+    config = ObjectiveConfig(
+        family="infinitetalk", motion_condition_ratio=0.5, motion_frames=9, text_dropout=0, audio_dropout=0
+    )
+    inputs = model_inputs(batch, FrozenEncoders(c), config, torch.Generator().manual_seed(1), "cpu", torch.float32)
+
+    replay = torch.Generator().manual_seed(1)
+    drop_conditions(batch, config, replay)
+    context = sample_given_frames(3, config, replay)
+    positions = sample_reference_positions(batch, context, replay)
+    assert inputs.given_frames == context and sorted(set(context)) == [1, 9]  # this seed gives both kinds
+    assert all(position == 0 for position, frames in zip(positions, context, strict=True) if frames == 1)
+    assert any(position > 0 for position in positions)
+    for i, position in enumerate(positions):
+        reference = batch.video[i, position]
+        padded = torch.cat([_to_pixels(reference.numpy())[:, None], torch.zeros(3, 16, 32, 48)], dim=1)
+        expected = torch.cat([reference_condition_mask(17, 4, 6)[0], vae_encode(c, padded[None])[0]])
+        torch.testing.assert_close(inputs.condition[i], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inputs.image[i], encode_image(c, reference.numpy())[0])
+
+    noisy = torch.randn(inputs.latents.shape, generator=gen)
+    pasted = _paste_context(noisy, inputs)
+    for i, frames in enumerate(context):
+        kept = given_latent_frames(frames)
+        assert torch.equal(pasted[i, :, :kept], inputs.latents[i, :, :kept])  # clean, as at inference
+        assert torch.equal(pasted[i, :, kept:], noisy[i, :, kept:])
+    loss = velocity_loss(c.transformer, inputs, config, torch.Generator().manual_seed(2))
+    assert torch.isfinite(loss)
