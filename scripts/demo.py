@@ -2,7 +2,9 @@
 
 Steps: synthesise two speakers' speech, encode it with a tiny wav2vec2 and run the tiny MultiTalk transformer on a
 two-person, turn-taking conversation; then generate a short two-person talking video with sound from the tiny
-model directory, through the same pipeline and job schema as `python -m multitalk_model.generate`.
+model directory, through the same pipeline and job schema as `python -m multitalk_model.generate`, and dub a short
+video with a tiny InfiniteTalk model directory (video to video: each clip conditioned on the source frame at its
+position, the output carrying the new speech).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.generation import MultiTalkPipeline
 from multitalk_model.jobs import GenerationJob, PersonInput
+from multitalk_model.media import write_video
 from multitalk_model.regions import default_halves, region_masks
 from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows
 from serving.app import build_app
@@ -125,6 +128,35 @@ def generate_video(out: Path) -> Path:
     print(
         f"   same job from the command line: python -m multitalk_model.generate --input {out / 'job.json'} "
         f"--model-dir {model_dir} --out video.mp4"
+    )
+    return result.path
+
+
+def dub_video(out: Path) -> Path:
+    step("4b. video dubbing with a tiny InfiniteTalk model: a source video speaks person 1's speech")
+    model_dir = build_tiny_model_dir(out / "tiny-infinitetalk", family="infinitetalk")
+    # The source: a slow pan over a photo that ships with scikit-image, 2 s at 25 fps.
+    photo = skimage.data.astronaut()  # 512 x 512
+    frames = np.stack([photo[100 : 100 + 320, 40 + 4 * i : 40 + 4 * i + 256] for i in range(50)])
+    source = write_video(out / "source.mp4", frames, 25)
+    job = GenerationJob(
+        video=str(source),
+        persons=[PersonInput(audio=str(out / "person1.wav"))],
+        prompt="a woman is talking",
+        mode="streaming",
+        frame_num=17,
+        steps=2,
+        resolution=(80, 64),
+        seed=0,
+    )
+    (out / "dub_job.json").write_text(job.model_dump_json(indent=2))
+    pipeline = MultiTalkPipeline.from_model_dir(model_dir)  # the directory says infinitetalk: its sampler runs
+    result = pipeline.generate(job, out / "dubbed.mp4")
+    print(f"   {type(pipeline).__name__}: {result.num_frames} frames ({result.duration_s:.2f} s, {result.clips} clips)")
+    print(f"   video: {result.path} (sound: {out / 'person1.wav'}; source: {source})")
+    print(
+        f"   same job from the command line: python -m multitalk_model.generate --input {out / 'dub_job.json'} "
+        f"--model-dir {model_dir} --out dubbed.mp4"
     )
     return result.path
 
@@ -308,6 +340,7 @@ def main() -> None:
     np.random.seed(0)
     transformer_forward(out)
     generate_video(out)
+    dub_video(out)
     with local_ray_cluster(keep_running=True) as cluster:
         curated = curate(out, cluster)
         train(out, cluster, curated)
