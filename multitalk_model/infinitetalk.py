@@ -45,7 +45,10 @@ from .regions import resize_and_center_crop
 
 def reference_frame_indices(clip_starts: list[int], source_frames: int) -> list[int]:
     """Each clip's reference frame in the source (25 fps frames): the frame at the clip's start, the last frame
-    once the source has ended (the reference's extract_specific_frames(video, audio_start_idx))."""
+    once the source has ended (the reference's extract_specific_frames(video, audio_start_idx)).
+
+    The reference indexes the source's own frames: the same frames for a 25 fps source; for another rate (a 30 fps
+    phone video) it would drift from the clip's time, so the source is read on the 25 fps timeline instead."""
     if source_frames < 1:
         raise ValueError(f"a source video has at least one frame, got {source_frames}")
     return [min(start, source_frames - 1) for start in clip_starts]

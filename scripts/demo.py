@@ -144,7 +144,8 @@ def dub_video(out: Path) -> Path:
         persons=[PersonInput(audio=str(out / "person1.wav"))],
         prompt="a woman is talking",
         mode="streaming",
-        frame_num=17,
+        frame_num=33,  # clips of 33 frames advancing by 24: two clips for the first 2 s of the speech
+        max_duration_s=2.0,
         steps=2,
         resolution=(80, 64),
         seed=0,
