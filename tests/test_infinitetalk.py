@@ -242,6 +242,8 @@ def test_the_model_directory_picks_the_sampler(model_dir, tmp_path, shared_media
         multitalk.prepare(job)
     # Each family fills in its own motion frames: the reference CLIs' defaults.
     assert pipeline.prepare(job).job.motion_frames == 9
+    with pytest.raises(GenerationError, match="motion_frames must be < frame_num, got 9 >= 9"):
+        pipeline.prepare(job.model_copy(update={"frame_num": 9}))
     index = json.loads((tmp_path / "multitalk" / "model_index.json").read_text())
     (tmp_path / "multitalk" / "model_index.json").write_text(json.dumps({**index, "family": "wan"}))
     with pytest.raises(ValueError, match="family 'wan' is not one of multitalk, infinitetalk"):
