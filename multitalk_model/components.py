@@ -7,7 +7,7 @@ A model directory is a diffusers-format Wan2.1-I2V folder plus the audio parts:
     text_encoder/           UMT5EncoderModel (umT5-XXL)
     tokenizer/              its tokenizer (anything AutoTokenizer loads)
     image_encoder/          CLIPVisionModel (ViT-H/14; a CLIPVisionModelWithProjection checkpoint loads too)
-    image_processor/        CLIPImageProcessor
+    image_processor/        CLIPImageProcessor (its image_mean / image_std normalise the frame CLIP sees)
     vae/                    AutoencoderKLWan
     scheduler/              the diffusers scheduler config saved with it (FlowMatchEulerDiscrete, UniPCMultistep, ...)
     wav2vec2/               Wav2Vec2Model + Wav2Vec2FeatureExtractor (chinese-wav2vec2-base)
@@ -45,6 +45,7 @@ import diffusers
 import ftfy
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -199,11 +200,22 @@ def encode_prompt(components: MultiTalkComponents, prompts: list[str], device: s
 
 @torch.no_grad()
 def encode_image(components: MultiTalkComponents, image: np.ndarray) -> torch.Tensor:
-    """CLIP states of one RGB uint8 image [H, W, 3]: the penultimate layer [1, 257, image_dim], as diffusers' Wan."""
+    """CLIP states of one RGB uint8 image [H, W, 3]: the penultimate layer [1, 257, image_dim].
+
+    The whole frame, as the reference's CLIPModel.visual feeds it (wan/modules/clip.py): the frame as a [-1, 1]
+    tensor squashed to the encoder's square input by bicubic interpolation (no crop: a wide two-person frame keeps
+    both persons, a portrait keeps head and feet), mapped back to [0, 1] and normalised with the processor's CLIP
+    mean and std.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} of shape {list(image.shape)}")
-    encoder = components.image_encoder
-    pixels = components.image_processor(images=image, return_tensors="pt").pixel_values
+    encoder, processor = components.image_encoder, components.image_processor
+    side = encoder.config.image_size
+    frame = (torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - 0.5) * 2  # [1, 3, H, W] in [-1, 1]
+    frame = F.interpolate(frame, size=(side, side), mode="bicubic", align_corners=False)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    pixels = (frame * 0.5 + 0.5 - mean) / std
     outputs = encoder(pixel_values=pixels.to(encoder.device, encoder.dtype), output_hidden_states=True)
     return outputs.hidden_states[-2]
 

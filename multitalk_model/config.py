@@ -12,6 +12,34 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The constructor arguments of the reference WanModel (MeiGen-AI/MultiTalk and InfiniteTalk,
+# wan/modules/multitalk_model.py) with their defaults there: a config.json may leave any of them out.
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "model_type": "i2v",
+    "patch_size": (1, 2, 2),
+    "text_len": 512,
+    "in_dim": 16,
+    "dim": 2048,
+    "ffn_dim": 8192,
+    "freq_dim": 256,
+    "text_dim": 4096,
+    "out_dim": 16,
+    "num_heads": 16,
+    "num_layers": 32,
+    "window_size": (-1, -1),
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "eps": 1e-6,
+    "audio_window": 5,
+    "intermediate_dim": 512,
+    "output_dim": 768,
+    "context_tokens": 32,
+    "vae_scale": 4,
+    "norm_input_visual": True,
+    "norm_output_audio": True,
+    "weight_init": True,  # initialisation only: no effect on loaded weights
+}
+
 
 @dataclass(frozen=True)
 class MultiTalkConfig:
@@ -67,13 +95,19 @@ class MultiTalkConfig:
 
     @classmethod
     def from_reference(cls, reference: dict[str, Any] | str) -> MultiTalkConfig:
-        """Reads the original implementation's constructor config (WanModel of MeiGen-AI/MultiTalk)."""
-        ref = json.loads(reference) if isinstance(reference, str) else dict(reference)
-        if ref.get("model_type", "i2v") != "i2v":
+        """Reads the original implementation's constructor config (WanModel of MeiGen-AI/MultiTalk): every argument
+        it takes, each missing one at its default there (a released Wan2.1-I2V config.json records only some).
+        Keys starting with "_" (diffusers' _class_name, _diffusers_version) are metadata and ignored."""
+        given = json.loads(reference) if isinstance(reference, str) else dict(reference)
+        unknown = sorted(key for key in given if not key.startswith("_") and key not in REFERENCE_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown WanModel arguments {unknown}; known: {', '.join(REFERENCE_DEFAULTS)}")
+        ref = {**REFERENCE_DEFAULTS, **{key: value for key, value in given.items() if not key.startswith("_")}}
+        if ref["model_type"] != "i2v":
             raise ValueError(f"MultiTalk is an image-to-video model; config has model_type={ref['model_type']!r}")
-        if not ref.get("qk_norm", True):
+        if not ref["qk_norm"]:
             raise ValueError("configs without qk_norm are not supported (every released Wan2.1-I2V model has it)")
-        if tuple(ref.get("window_size", (-1, -1))) != (-1, -1):
+        if tuple(ref["window_size"]) != (-1, -1):
             raise ValueError(f"local attention windows are not supported, config has window_size={ref['window_size']}")
         dim, heads = ref["dim"], ref["num_heads"]
         if dim % heads:
@@ -85,19 +119,19 @@ class MultiTalkConfig:
             ffn_dim=ref["ffn_dim"],
             freq_dim=ref["freq_dim"],
             text_dim=ref["text_dim"],
-            in_channels=ref.get("in_dim", 36),
-            out_channels=ref.get("out_dim", 16),
-            patch_size=tuple(ref.get("patch_size", (1, 2, 2))),
-            cross_attn_norm=ref.get("cross_attn_norm", True),
-            eps=ref.get("eps", 1e-6),
-            audio_window=ref.get("audio_window", 5),
-            audio_intermediate_dim=ref.get("intermediate_dim", 512),
-            audio_dim=ref.get("output_dim", 768),
-            audio_tokens=ref.get("context_tokens", 32),
-            vae_scale=ref.get("vae_scale", 4),
-            norm_input_visual=ref.get("norm_input_visual", True),
-            norm_output_audio=ref.get("norm_output_audio", True),
-            text_len=ref.get("text_len", 512),
+            in_channels=ref["in_dim"],
+            out_channels=ref["out_dim"],
+            patch_size=tuple(ref["patch_size"]),
+            cross_attn_norm=ref["cross_attn_norm"],
+            eps=ref["eps"],
+            audio_window=ref["audio_window"],
+            audio_intermediate_dim=ref["intermediate_dim"],
+            audio_dim=ref["output_dim"],
+            audio_tokens=ref["context_tokens"],
+            vae_scale=ref["vae_scale"],
+            norm_input_visual=ref["norm_input_visual"],
+            norm_output_audio=ref["norm_output_audio"],
+            text_len=ref["text_len"],
         )
 
     def to_reference(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ OVERRIDES = {
     "step_cache_threshold": float,
     "max_duration_s": float,
     "color_correction": float,
+    "regions": str,
 }
 
 

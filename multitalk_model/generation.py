@@ -45,8 +45,10 @@ from .lora import merge_lora
 from .media import MediaError, load_image, write_video
 from .regions import (
     Box,
+    default_halves,
     draw_regions_preview,
     locate_persons,
+    reference_resize_masks,
     region_masks,
     resize_and_center_crop,
     target_size,
@@ -174,6 +176,8 @@ class MultiTalkPipeline:
         self.device = torch.device(device)
         self.low_memory = low_memory
         self._face_detector = face_detector
+        self._job_loras: tuple[tuple[str, float], ...] = ()  # merged for the current job
+        self._weights_without_job_loras: dict[str, torch.Tensor] | None = None  # on the CPU, once one is merged
         if attention_backend is not None:
             components.transformer.set_attention_backend(attention_backend)
 
@@ -218,6 +222,8 @@ class MultiTalkPipeline:
             region_source = "boxes"
         elif num_persons == 1:
             boxes, region_source = [(0.0, 0.0, float(source_hw[1]), float(source_hw[0]))], "whole image"
+        elif job.regions == "halves":
+            boxes, region_source = default_halves(source_hw, num_persons), "halves"
         else:
             boxes, region_source = locate_persons(source, num_persons, self.face_detector)
             if region_source != "faces":
@@ -225,21 +231,21 @@ class MultiTalkPipeline:
                     "person regions for %s: %s (face detection did not find every person)", job.source, region_source
                 )
 
+        for index, (path, _) in enumerate(job.loras):
+            if not Path(path).is_file():
+                raise GenerationError(f"loras.{index}: no such file {path}")
         height, width = job.resolution or target_size(*source_hw, job.size)
         image = resize_and_center_crop(source, (height, width))
         masks = region_masks(boxes, source_hw) if num_persons > 1 else np.ones((2, *source_hw), np.float32)
-        masks = np.stack(
-            [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
-        )
+        if region_source == "halves" and job.regions == "halves":  # asked for the reference's masks: its geometry
+            masks = reference_resize_masks(masks, (height, width))
+        else:
+            masks = np.stack(
+                [resize_and_center_crop(mask[..., None], (height, width), nearest=True)[..., 0] for mask in masks]
+            )
 
-        originals, speech = [], []
-        for index, person in enumerate(job.persons):
-            try:
-                samples, rate = load_audio_track(person.audio)
-            except AudioError as error:
-                raise GenerationError(f"persons.{index}.audio: {error}") from None
-            originals.append((samples, rate))
-            speech.append(loudness_normalize(to_mono_16k(samples, rate)))
+        originals = _load_person_audio(job)
+        speech = [loudness_normalize(to_mono_16k(samples, rate)) for samples, rate in originals]
         speech = compose_persons(speech, job.audio_type)
         mix, mix_rate = _original_mix(originals, job.audio_type)
 
@@ -312,6 +318,7 @@ class MultiTalkPipeline:
         denoise its latent, decode it and keep the frames that are new.
         """
         job = prepared.job
+        self._use_job_loras(job.loras)
         starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
         conditions = self._job_conditions(prepared, starts[-1] + job.frame_num)
         generator = torch.Generator("cpu").manual_seed(job.seed)
@@ -324,7 +331,6 @@ class MultiTalkPipeline:
             step_cache = (
                 StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
             )
-
             hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
             latent = self._denoise_clip(job, clip, conditions, audio, step_cache, generator, hooks)
             if step_cache is not None:
@@ -404,6 +410,35 @@ class MultiTalkPipeline:
             frames = match_colors(frames, prepared.image, prepared.job.color_correction)
         return frames
 
+    def _use_job_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Makes the transformer's weights the loaded ones plus exactly `loras`. Switching happens only when a job
+        asks for other LoRAs than the previous one; the first switch keeps a CPU copy of the loaded weights, so
+        that going back restores them exactly (subtracting a delta would not, in bfloat16)."""
+        loras = tuple((str(path), float(scale)) for path, scale in loras)
+        if loras == self._job_loras:
+            return
+        transformer = self.components.transformer
+        with torch.no_grad():
+            if self._weights_without_job_loras is None:
+                self._weights_without_job_loras = {
+                    name: value.detach().to("cpu", copy=True) for name, value in transformer.state_dict().items()
+                }
+            else:
+                self._restore_loaded_weights()
+        self._job_loras = ()
+        try:
+            for path, scale in loras:
+                merge_lora(transformer, path, scale)
+        except (OSError, ValueError) as error:
+            self._restore_loaded_weights()
+            raise GenerationError(f"loras: {path}: {error}") from None
+        self._job_loras = loras
+
+    @torch.no_grad()
+    def _restore_loaded_weights(self) -> None:
+        for name, value in self.components.transformer.state_dict().items():
+            value.copy_(self._weights_without_job_loras[name])
+
     def _cache_coefficients(self, job: GenerationJob) -> tuple[float, ...] | None:
         """The reference's fitted TeaCache polynomial for the 14B model at this size; raw change for other models."""
         if self.components.config != get_preset("multitalk-14b"):
@@ -455,6 +490,22 @@ class MultiTalkPipeline:
             module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _load_person_audio(job: GenerationJob) -> list[tuple[np.ndarray, int]]:
+    """Each person's audio (samples [channels, n], rate); a silent person gets zeros as long as the longest other
+    track, as the reference gives a "None" person zeros of the other person's length."""
+    loaded: dict[int, tuple[np.ndarray, int]] = {}
+    for index, person in enumerate(job.persons):
+        if person.audio is None:
+            continue
+        try:
+            loaded[index] = load_audio_track(person.audio)
+        except AudioError as error:
+            raise GenerationError(f"persons.{index}.audio: {error}") from None
+    samples, rate = max(loaded.values(), key=lambda track: track[0].shape[1] / track[1])
+    silence = (np.zeros((1, samples.shape[1]), np.float32), rate)
+    return [loaded.get(index, silence) for index in range(len(job.persons))]
 
 
 def _original_mix(originals: list[tuple[np.ndarray, int]], audio_type: str) -> tuple[np.ndarray, int]:

@@ -144,6 +144,7 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
     ) -> tuple[np.ndarray, float]:
         """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped."""
         job = prepared.job
+        self._use_job_loras(job.loras)
         starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
         audio_frames = int(len(prepared.speech[0]) / SAMPLE_RATE * VIDEO_FPS)
         conditions = self._job_conditions(prepared, audio_frames_needed(starts[-1] + job.frame_num, audio_frames))

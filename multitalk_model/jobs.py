@@ -43,7 +43,11 @@ class PersonInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    audio: str = Field(min_length=1, description="Path of this person's speech audio.")
+    audio: str | None = Field(
+        min_length=1,
+        description="Path of this person's speech audio; null: the person is silent (a zero stream as long as the "
+        "longest other person's speech, as the official input's \"None\").",
+    )
     box: tuple[float, float, float, float] | None = Field(
         default=None, description="Where this person is in the image: [x0, y0, x1, y1] in source pixels."
     )
@@ -83,6 +87,11 @@ class GenerationJob(BaseModel):
     audio_type: Literal["add", "para"] = Field(
         default="add", description="add: the persons speak in turn, one after the other; para: at the same time."
     )
+    regions: Literal["faces", "halves"] = Field(
+        default="faces",
+        description="Person regions when no boxes are given: faces (detected faces grown into regions) or halves "
+        "(the reference's fixed equal columns with 5% margins, its masks exactly: off-centre people fall outside).",
+    )
     seed: int = Field(default=42, ge=0, description="Random seed of the initial noise.")
     steps: int = Field(default=40, ge=1, description="Number of sampling steps.")
     shift: float | None = Field(
@@ -113,6 +122,11 @@ class GenerationJob(BaseModel):
         default=1.0, ge=0, le=1, description="How strongly each clip's colours are matched to the image (0 = off)."
     )
     use_apg: bool = Field(default=False, description="Adaptive projected guidance, against colour drift.")
+    loras: list[tuple[str, float]] = Field(
+        default=[],
+        description="LoRAs [path, scale] merged into the transformer for this job only, e.g. a few-step distillation "
+        "LoRA (FusionX, lightx2v) with the reference's recipe: text_guidance 1, audio_guidance 2, shift 2, 4-8 steps.",
+    )
     step_cache_threshold: float | None = Field(
         default=None, gt=0, description="Skip a step's model call when its input changed less than this; None = never."
     )
@@ -141,6 +155,8 @@ class GenerationJob(BaseModel):
             raise ValueError("give either image (image to video) or video (dubbing), not both or neither")
         if self.motion_frames is not None and self.motion_frames >= self.frame_num:
             raise ValueError(f"motion_frames must be < frame_num, got {self.motion_frames} >= {self.frame_num}")
+        if all(person.audio is None for person in self.persons):
+            raise ValueError("persons: every person is silent (audio null); at least one needs an audio file")
         with_box = [index + 1 for index, person in enumerate(self.persons) if person.box is not None]
         if with_box and len(with_box) != len(self.persons):
             raise ValueError(
@@ -190,10 +206,10 @@ def _official_persons(data: dict[str, Any], base_dir: Path) -> list[dict[str, An
     persons = []
     for key in sorted(cond_audio, key=lambda name: int(name.removeprefix("person"))):
         audio = cond_audio[key]
-        if not isinstance(audio, str) or audio == "None":
-            # The reference reads the string "None" as a silent person; a person here always has an audio file.
-            raise JobError(f"cond_audio.{key}: must be an audio file path, got {audio!r}")
-        person: dict[str, Any] = {"audio": _resolve(audio, base_dir)}
+        if not isinstance(audio, str) or not audio:
+            raise JobError(f'cond_audio.{key}: must be an audio file path or "None" (silent), got {audio!r}')
+        # The reference reads the string "None" as a person who stays silent.
+        person: dict[str, Any] = {"audio": None if audio == "None" else _resolve(audio, base_dir)}
         if key in bbox:
             box = bbox[key]
             if not (isinstance(box, list | tuple) and len(box) == 4):
@@ -243,9 +259,8 @@ def _describe(error: ValidationError) -> str:
 
 
 def _check_files_exist(job: GenerationJob) -> None:
-    files = {"image" if job.image is not None else "video": job.source} | {
-        f"persons.{index}.audio": person.audio for index, person in enumerate(job.persons)
-    }
+    audio = {f"persons.{index}.audio": person.audio for index, person in enumerate(job.persons) if person.audio}
+    files = {"image" if job.image is not None else "video": job.source} | audio
     for field, file in files.items():
         if not Path(file).is_file():
             raise JobError(f"{field}: no such file {file}")
@@ -271,7 +286,8 @@ def load_job(path: Path) -> GenerationJob:
         else:
             job = GenerationJob.model_validate(data)
             resolved_persons = [
-                person.model_copy(update={"audio": _resolve(person.audio, base_dir)}) for person in job.persons
+                person.model_copy(update={"audio": person.audio and _resolve(person.audio, base_dir)})
+                for person in job.persons
             ]
             sources = {key: _resolve(getattr(job, key), base_dir) for key in ("image", "video") if getattr(job, key)}
             job = job.model_copy(update={**sources, "persons": resolved_persons})

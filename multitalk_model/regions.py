@@ -85,6 +85,28 @@ def resize_and_center_crop(image: np.ndarray, size_hw: tuple[int, int], nearest:
     return resized[top : top + target_h, left : left + target_w]
 
 
+def reference_resize_masks(masks: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Region masks [N, H, W] to size_hw with the reference's own geometry (wan/multitalk.py resize_and_centercrop
+    on a tensor): torch's legacy "nearest" to cover, then the centre crop. It can shift a mask by up to half a pixel
+    against the image (resize_and_center_crop keeps them aligned); the fixed halves use it to give the reference's
+    masks exactly."""
+    target_h, target_w = size_hw
+    src_h, src_w = masks.shape[1:]
+    scale = max(target_h / src_h, target_w / src_w)
+    resized_h, resized_w = math.ceil(scale * src_h), math.ceil(scale * src_w)
+    # torch's "nearest": source index floor(i * (in / out)), both factors float32, clamped to the last pixel.
+    rows, cols = (
+        np.minimum(np.floor(np.arange(out, dtype=np.float32) * (np.float32(size) / np.float32(out))), size - 1).astype(
+            np.int64
+        )
+        for size, out in ((src_h, resized_h), (src_w, resized_w))
+    )
+    resized = masks[:, rows][:, :, cols]
+    top = int(round((resized_h - target_h) / 2.0))
+    left = int(round((resized_w - target_w) / 2.0))
+    return resized[:, top : top + target_h, left : left + target_w]
+
+
 def validate_box(box: Box, image_size_hw: tuple[int, int], name: str) -> None:
     """Raise ValueError naming `name` when a box is malformed, empty, outside the image or covers all of it."""
     height, width = image_size_hw

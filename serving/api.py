@@ -163,7 +163,8 @@ def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tupl
     """The job as stored (inputs named relative to the job's files) and the local file behind each name."""
     image_name = f"inputs/{image.field}{image.suffix}"  # the image or the video
     audio_names = [f"inputs/audio{index + 1}{upload.suffix}" for index, upload in enumerate(audio)]
-    persons = [person.model_copy(update={"audio": name}) for person, name in zip(job.persons, audio_names, strict=True)]
+    names = iter(audio_names)  # the uploads belong to the persons with audio, in order; silent ones keep null
+    persons = [person.model_copy(update={"audio": person.audio and next(names)}) for person in job.persons]
     spec = job.model_copy(update={image.field: image_name, "persons": persons}).model_dump(mode="json")
     files = {image_name: image.path} | {name: upload.path for name, upload in zip(audio_names, audio, strict=False)}
     return spec, files

@@ -27,7 +27,7 @@ from multitalk_model.jobs import GenerationJob, JobError, from_official_json
 from multitalk_model.media import MediaError, read_video_frames
 from multitalk_model.regions import validate_box
 
-from .config import Limits, ServingConfig
+from .config import CONFIGURED_FIELDS, Limits, ServingConfig
 
 _OFFICIAL_MARKERS = {"cond_image", "cond_video", "cond_audio"}
 _EXIF_ORIENTATION = 0x0112
@@ -134,18 +134,19 @@ def _persons_from_boxes(boxes: Any, audio: list[Upload]) -> list[dict[str, Any]]
 def _official_fields(official: dict[str, Any], image: Upload, audio: list[Upload]) -> dict[str, Any]:
     """The official input JSON with the uploads as its files -> job fields (boxes converted to [x0, y0, x1, y1])."""
     cond_audio = official.get("cond_audio")
-    if not isinstance(cond_audio, dict) or len(cond_audio) != len(audio):
-        named = len(cond_audio) if isinstance(cond_audio, dict) else 0
+    heard = [key for key, value in cond_audio.items() if value != "None"] if isinstance(cond_audio, dict) else []
+    if len(heard) != len(audio):
         raise RequestRejected(
             422,
-            f"options.cond_audio: names {named} person(s) but {len(audio)} audio file(s) were uploaded; "
-            "person1, person2, ... take the audio files in order",
+            f"options.cond_audio: names {len(heard)} person(s) with audio but {len(audio)} audio file(s) were "
+            'uploaded; person1, person2, ... take the audio files in order (a "None" person is silent and takes none)',
         )
-    ordered = sorted(cond_audio, key=lambda key: int(key.removeprefix("person")) if key[6:].isdigit() else math.inf)
+    ordered = sorted(heard, key=lambda key: int(key.removeprefix("person")) if key[6:].isdigit() else math.inf)
+    uploads = {key: str(upload.path) for key, upload in zip(ordered, audio, strict=False)}
     data = {
         **{key: value for key, value in official.items() if key not in ("cond_image", "cond_video")},
         "cond_image": str(image.path),  # the upload, image or video: its field decides below
-        "cond_audio": {key: str(upload.path) for key, upload in zip(ordered, audio, strict=False)},
+        "cond_audio": {key: uploads.get(key, "None") for key in cond_audio},
     }
     try:
         job = from_official_json(data, image.path.parent)
@@ -184,9 +185,21 @@ def build_job(options: dict[str, Any], image: Upload, audio: list[Upload], confi
     uploaded = sorted({"image", "video", "persons"} & set(options))
     if uploaded:
         raise RequestRejected(422, f"options: {uploaded} come from the uploaded files, not from the options")
+    configured = sorted(CONFIGURED_FIELDS & set(options))
+    if configured:
+        raise RequestRejected(422, f"options: {configured} come from the deployment's config, not from a request")
 
     generation = config.generation
-    merged = {**generation.defaults, **(generation.fast if fast else {}), **fields, **options}
+    profile = {}
+    if fast:
+        if generation.fast_lora is None:
+            raise RequestRejected(
+                422,
+                "options.fast: this deployment has no distillation LoRA (generation.fast_lora), which the few-step "
+                "profile needs (text guidance 1 without it makes poor videos); submit without fast",
+            )
+        profile = {**generation.fast, "loras": [list(generation.fast_lora)]}
+    merged = {**generation.defaults, **profile, **fields, **options}
     try:
         job = GenerationJob.model_validate(merged)
     except ValidationError as error:
