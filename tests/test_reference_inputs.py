@@ -201,6 +201,29 @@ def test_an_official_input_with_a_none_person_gives_a_silent_stream(
     assert prepared.num_frames == min(int(len(expected[0]) / SAMPLE_RATE * 25), job.frame_num)  # clip mode
 
 
+def test_a_submission_of_an_official_input_with_a_none_person_takes_one_upload(shared_media, tmp_path):
+    from serving.api import _stored_spec
+    from serving.config import ServingConfig
+    from serving.submission import RequestRejected, Upload, build_job
+
+    def upload(path: Path, field: str) -> Upload:
+        return Upload(field=field, filename=path.name, path=path, size=path.stat().st_size)
+
+    image = upload(shared_media / "two_people_car.png", "image")
+    speech = upload(shared_media / "two_people_car_person2.WAV", "audio 1")
+    config = ServingConfig(model_dir=str(tmp_path), api_keys=["key"], storage_uri=str(tmp_path / "files"))
+    options = {"cond_image": "car.png", "cond_audio": {"person1": "None", "person2": "right.wav"}}
+
+    job = build_job(options, image, [speech], config)
+    spec, files = _stored_spec(job, image, [speech])
+
+    assert [person.audio for person in job.persons] == [None, str(speech.path)]
+    assert [person["audio"] for person in spec["persons"]] == [None, "inputs/audio1.WAV"]
+    assert files["inputs/audio1.WAV"] == speech.path
+    with pytest.raises(RequestRejected, match="names 1 person\\(s\\) with audio but 2 audio file\\(s\\)"):
+        build_job(options, image, [speech, speech], config)
+
+
 def test_every_person_silent_is_rejected(shared_media, tmp_path):
     path = tmp_path / "official.json"
     official = {"cond_image": str(shared_media / "two_people_car.png"), "cond_audio": {"person1": "None"}}
