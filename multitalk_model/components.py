@@ -2,7 +2,8 @@
 
 A model directory is a diffusers-format Wan2.1-I2V folder plus the audio parts:
 
-    model_index.json        diffusers' pipeline index (names the component classes)
+    model_index.json        diffusers' pipeline index (names the component classes); its "family" says which
+                            sampler the audio weights were trained for: "multitalk" (the default) or "infinitetalk"
     text_encoder/           UMT5EncoderModel (umT5-XXL)
     tokenizer/              its tokenizer (anything AutoTokenizer loads)
     image_encoder/          CLIPVisionModel (ViT-H/14; a CLIPVisionModelWithProjection checkpoint loads too)
@@ -76,6 +77,8 @@ SUBFOLDERS = (
 )
 LAYOUT = "a MultiTalk model directory holds model_index.json and " + ", ".join(f"{name}/" for name in SUBFOLDERS)
 AUDIO_WEIGHTS = "multitalk.safetensors"
+# Model families: one transformer and weight layout, trained for different samplers (generation.py, infinitetalk.py).
+FAMILIES = ("multitalk", "infinitetalk")
 AUDIO_MANIFEST = "multitalk.json"
 TransformerForm = Literal["multitalk", "wan", "original"]  # forms (1), (2) and (3) of the module docstring
 _KEY_FORMATS: dict[str, str] = {"multitalk": "diffusers", "wan": "diffusers", "original": "original"}
@@ -101,6 +104,7 @@ class MultiTalkComponents(ConditionEncoders):
     audio_encoder: Wav2VecEncoder
     scheduler: SchedulerMixin
     config: MultiTalkConfig
+    family: str = "multitalk"  # which sampler the audio weights were trained for: one of FAMILIES
 
 
 def load_encoders(
@@ -141,6 +145,7 @@ def load_components(
     """Loads a model directory (layout in the module docstring); the text encoder may live on its own device."""
     model_dir = Path(model_dir)
     _check_layout(model_dir)
+    family = model_family(model_dir)
     text_config = UMT5Config.from_pretrained(model_dir / "text_encoder", local_files_only=True)
     image_config = CLIPVisionConfig.from_pretrained(model_dir / "image_encoder", local_files_only=True)
     audio_config = Wav2Vec2Config.from_pretrained(model_dir / "wav2vec2", local_files_only=True)
@@ -167,6 +172,7 @@ def load_components(
         audio_encoder=Wav2VecEncoder.from_pretrained(model_dir / "wav2vec2", device=device, dtype=torch.float32),
         scheduler=_load_scheduler(model_dir / "scheduler"),
         config=config,
+        family=family,
     )
 
 
@@ -190,6 +196,15 @@ def transformer_form(model_dir: str | Path) -> TransformerForm:
 def transformer_weights(model_dir: str | Path) -> tuple[Path, str]:
     """The base transformer's weights of a model directory as a `load_weights` source: (transformer/, key format)."""
     return Path(model_dir) / "transformer", _KEY_FORMATS[transformer_form(model_dir)]
+
+
+def model_family(model_dir: str | Path) -> str:
+    """The family model_index.json names ("multitalk" when it names none); any other value is an error."""
+    index_file = Path(model_dir) / "model_index.json"
+    family = _read_json(index_file).get("family", "multitalk")
+    if family not in FAMILIES:
+        raise ValueError(f"{index_file}: family {family!r} is not one of {', '.join(FAMILIES)}")
+    return family
 
 
 @torch.no_grad()
@@ -382,6 +397,7 @@ def _load_scheduler(scheduler_dir: Path) -> SchedulerMixin:
 
 
 __all__ = [
+    "FAMILIES",
     "ConditionEncoders",
     "MultiTalkComponents",
     "encode_image",
@@ -390,6 +406,7 @@ __all__ = [
     "load_encoders",
     "transformer_form",
     "transformer_weights",
+    "model_family",
     "vae_decode",
     "vae_encode",
 ]

@@ -163,6 +163,8 @@ def plan_clips(num_frames: int, frame_num: int, motion_frames: int, streaming: b
 
 
 class MultiTalkPipeline:
+    family = "multitalk"  # the model family this sampler is for (components.FAMILIES)
+
     def __init__(
         self,
         components: MultiTalkComponents,
@@ -202,21 +204,25 @@ class MultiTalkPipeline:
         loras: list[tuple[str | Path, float]] = (),
         **kwargs,
     ) -> MultiTalkPipeline:
-        """Loads a model directory (see components.py); LoRAs are merged into the transformer weights."""
+        """Loads a model directory (see components.py) into the pipeline of its family; LoRAs are merged."""
         low_memory = kwargs.get("low_memory", False)
         components = load_components(model_dir, device="cpu" if low_memory else device, dtype=dtype)
         for path, scale in loras:
             merge_lora(components.transformer, path, scale)
-        return cls(components, device=device, **kwargs)
+        from .infinitetalk import InfiniteTalkPipeline  # its module builds on this one
+
+        pipeline_class = {"multitalk": MultiTalkPipeline, "infinitetalk": InfiniteTalkPipeline}[components.family]
+        return pipeline_class(components, device=device, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- validation
 
     def prepare(self, job: GenerationJob) -> PreparedJob:
         """Checks and decodes every input of a job; raises GenerationError naming the field before any model work."""
         try:
-            source = load_image(job.image)
-        except MediaError as error:
-            raise GenerationError(f"image: {error}") from None
+            job = job.for_family(self.family)
+        except ValueError as error:
+            raise GenerationError(str(error)) from None
+        source = self._load_source(job)
         source_hw = source.shape[:2]
         num_persons = len(job.persons)
 
@@ -236,7 +242,7 @@ class MultiTalkPipeline:
             boxes, region_source = locate_persons(source, num_persons, self.face_detector)
             if region_source != "faces":
                 logger.warning(
-                    "person regions for %s: %s (face detection did not find every person)", job.image, region_source
+                    "person regions for %s: %s (face detection did not find every person)", job.source, region_source
                 )
 
         for index, (path, _) in enumerate(job.loras):
@@ -265,6 +271,17 @@ class MultiTalkPipeline:
             raise GenerationError(f"persons: the audio lasts {len(speech[0]) / SAMPLE_RATE:.3f} s, less than one frame")
         return PreparedJob(job, image, boxes, region_source, masks, speech, mix, mix_rate, num_frames)
 
+    def _load_source(self, job: GenerationJob) -> np.ndarray:
+        """The image the person regions are found on and the video starts from, uint8 RGB [H, W, 3]."""
+        if job.video is not None:
+            raise GenerationError(
+                f"video: dubbing a video needs an InfiniteTalk model; this model directory's family is {self.family}"
+            )
+        try:
+            return load_image(job.image)
+        except MediaError as error:
+            raise GenerationError(f"image: {error}") from None
+
     @property
     def face_detector(self) -> FaceDetector:
         if self._face_detector is None:
@@ -285,10 +302,11 @@ class MultiTalkPipeline:
         start = time.perf_counter()
         prepared = self.prepare(job)
         if preview_path is not None:
-            draw_regions_preview(load_image(job.image), prepared.boxes, preview_path)
+            draw_regions_preview(self._load_source(prepared.job), prepared.boxes, preview_path)
         frames, skipped = self.sample(prepared, progress, cancelled)
         samples = round(len(frames) / VIDEO_FPS * prepared.mix_rate)
         path = write_video(out_path, frames, VIDEO_FPS, prepared.mix[:, :samples], prepared.mix_rate)
+        job = prepared.job  # with the family's defaults filled in
         clips = len(plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming"))
         return GenerationResult(
             path=Path(path),

@@ -1,4 +1,5 @@
-"""The input of one generation job: our schema, the official MultiTalk input JSON, and loading either from a file."""
+"""The input of one generation job: our schema, the official MultiTalk / InfiniteTalk input JSON, and loading either
+from a file."""
 
 import json
 import logging
@@ -24,8 +25,14 @@ REFERENCE_NEGATIVE_PROMPT = (
 # The reference's --sample_shift defaults per resolution.
 _DEFAULT_SHIFT = {"480p": 7.0, "720p": 11.0}
 
-# Keys of the official input JSON that generation from local audio files does not use.
-_OFFICIAL_KEYS = {"prompt", "cond_image", "audio_type", "cond_audio", "bbox"}
+# Keys of the official input JSON that generation from local audio files does not use. MultiTalk's names the
+# reference image cond_image; InfiniteTalk's names a video to dub, or an image, cond_video.
+_OFFICIAL_KEYS = {"prompt", "cond_image", "cond_video", "audio_type", "cond_audio", "bbox"}
+# The extensions InfiniteTalk's reference (wan/utils/utils.py is_video) reads cond_video as a video by.
+_VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".flv", ".wmv", ".webm", ".mpeg", ".mpg"}
+
+# Each family's default motion frames: the reference CLIs' --motion_frame (MultiTalk 25, InfiniteTalk 9).
+DEFAULT_MOTION_FRAMES = {"multitalk": 25, "infinitetalk": 9}
 
 
 class JobError(ValueError):
@@ -68,7 +75,13 @@ class GenerationJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(min_length=1, description="Path of the reference image (the first frame).")
+    image: str | None = Field(default=None, min_length=1, description="Path of the reference image (the first frame).")
+    video: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Path of a video to dub instead of an image (InfiniteTalk models): each clip's reference frame is "
+        "the source frame at the clip's position; the output has the persons' new audio.",
+    )
     persons: list[PersonInput] = Field(
         min_length=1, description="One entry per person; without boxes, persons count from the left."
     )
@@ -105,8 +118,11 @@ class GenerationJob(BaseModel):
         default="clip", description="clip: one clip of frame_num frames; streaming: clips chained to the audio's end."
     )
     frame_num: int = Field(default=81, ge=5, description="Frames per clip, 4n+1, at 25 fps.")
-    motion_frames: int = Field(
-        default=25, ge=1, description="Last frames of a clip that condition the next one in streaming mode, 4n+1."
+    motion_frames: int | None = Field(
+        default=None,
+        ge=1,
+        description="Last frames of a clip that condition the next one in streaming mode, 4n+1; None = the model "
+        "family's default (MultiTalk 25, InfiniteTalk 9).",
     )
     max_duration_s: float = Field(default=40.0, gt=0, description="Longest video streaming mode generates, in seconds.")
     color_correction: float = Field(
@@ -149,12 +165,14 @@ class GenerationJob(BaseModel):
 
     @field_validator("motion_frames")
     @classmethod
-    def _motion_frames_is_4n_plus_1(cls, value: int) -> int:
-        return check_clip_frames(value, minimum=1)
+    def _motion_frames_is_4n_plus_1(cls, value: int | None) -> int | None:
+        return value if value is None else check_clip_frames(value, minimum=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationJob":
-        if self.motion_frames >= self.frame_num:
+        if (self.image is None) == (self.video is None):
+            raise ValueError("give either image (image to video) or video (dubbing), not both or neither")
+        if self.motion_frames is not None and self.motion_frames >= self.frame_num:
             raise ValueError(f"motion_frames must be < frame_num, got {self.motion_frames} >= {self.frame_num}")
         if all(person.audio is None for person in self.persons):
             raise ValueError("persons: every person is silent (audio null); at least one needs an audio file")
@@ -176,6 +194,17 @@ class GenerationJob(BaseModel):
     def prompt_texts(self) -> list[str]:
         """Every prompt text of the job (one, or each of a schedule's)."""
         return [self.prompt] if isinstance(self.prompt, str) else [entry.prompt for entry in self.prompt]
+
+    def for_family(self, family: str) -> "GenerationJob":
+        """The job with what it leaves to the model family (motion_frames) filled in and checked again."""
+        if self.motion_frames is not None:
+            return self
+        return GenerationJob.model_validate({**self.model_dump(), "motion_frames": DEFAULT_MOTION_FRAMES[family]})
+
+    @property
+    def source(self) -> str:
+        """The path of the visual input, image or video."""
+        return self.image if self.image is not None else self.video
 
     @property
     def resolved_shift(self) -> float:
@@ -220,19 +249,31 @@ def _official_persons(data: dict[str, Any], base_dir: Path) -> list[dict[str, An
     return persons
 
 
+def _official_source(data: dict[str, Any], base_dir: Path) -> dict[str, str]:
+    """MultiTalk's cond_image -> image; InfiniteTalk's cond_video -> video, or image when it names an image file."""
+    present = [key for key in ("cond_image", "cond_video") if key in data]
+    if len(present) != 1:
+        raise JobError(
+            "cond_image / cond_video: give exactly one (MultiTalk's reference image, or InfiniteTalk's video or "
+            f"image), got {present or 'neither'}"
+        )
+    key = present[0]
+    if not isinstance(data[key], str) or not data[key]:
+        raise JobError(f"{key}: must be a file path, got {data[key]!r}")
+    path = _resolve(data[key], base_dir)
+    # InfiniteTalk's reference reads cond_video as a video when its extension is a video's, else as an image.
+    is_video = key == "cond_video" and Path(path).suffix.lower() in _VIDEO_SUFFIXES
+    return {"video" if is_video else "image": path}
+
+
 def from_official_json(data: dict[str, Any], base_dir: Path) -> GenerationJob:
-    """Convert the official MultiTalk input JSON (cond_image, cond_audio, bbox as [y0, x0, y1, x1]) into a job."""
-    if "cond_image" not in data:
-        raise JobError("cond_image: missing (the path of the reference image)")
+    """Convert the official MultiTalk or InfiniteTalk input JSON (cond_image or cond_video, cond_audio, bbox as
+    [y0, x0, y1, x1]) into a job."""
+    source = _official_source(data, base_dir)
     ignored = sorted(set(data) - _OFFICIAL_KEYS)
     if ignored:
         logger.warning("ignoring keys of the official input that generation does not use: %s", ", ".join(ignored))
-    if not isinstance(data["cond_image"], str):
-        raise JobError(f"cond_image: must be an image path, got {data['cond_image']!r}")
-    fields: dict[str, Any] = {
-        "image": _resolve(data["cond_image"], base_dir),
-        "persons": _official_persons(data, base_dir),
-    }
+    fields: dict[str, Any] = {**source, "persons": _official_persons(data, base_dir)}
     fields.update({key: data[key] for key in ("prompt", "audio_type") if key in data})
     return GenerationJob.model_validate(fields)
 
@@ -249,14 +290,15 @@ def _describe(error: ValidationError) -> str:
 
 def _check_files_exist(job: GenerationJob) -> None:
     audio = {f"persons.{index}.audio": person.audio for index, person in enumerate(job.persons) if person.audio}
-    files = {"image": job.image} | audio
+    files = {"image" if job.image is not None else "video": job.source} | audio
     for field, file in files.items():
         if not Path(file).is_file():
             raise JobError(f"{field}: no such file {file}")
 
 
 def load_job(path: Path) -> GenerationJob:
-    """Read a job file in our schema or the official one (it has cond_image), paths relative to the file's folder."""
+    """Read a job file in our schema or an official one (it has cond_image or cond_video), paths relative to the
+    file's folder."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -269,7 +311,7 @@ def load_job(path: Path) -> GenerationJob:
 
     base_dir = path.parent.absolute()
     try:
-        if "cond_image" in data:
+        if "cond_image" in data or "cond_video" in data:
             job = from_official_json(data, base_dir)
         else:
             job = GenerationJob.model_validate(data)
@@ -277,7 +319,8 @@ def load_job(path: Path) -> GenerationJob:
                 person.model_copy(update={"audio": person.audio and _resolve(person.audio, base_dir)})
                 for person in job.persons
             ]
-            job = job.model_copy(update={"image": _resolve(job.image, base_dir), "persons": resolved_persons})
+            sources = {key: _resolve(getattr(job, key), base_dir) for key in ("image", "video") if getattr(job, key)}
+            job = job.model_copy(update={**sources, "persons": resolved_persons})
         _check_files_exist(job)
     except ValidationError as error:
         raise JobError(f"{path}: {_describe(error)}") from None

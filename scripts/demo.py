@@ -4,7 +4,9 @@ Steps:
   1-3. synthesise two speakers' speech, encode it with a tiny wav2vec2 and run the tiny MultiTalk transformer on a
        two-person, turn-taking conversation;
   4.   generate a short two-person talking video with sound from the tiny model directory, through the same
-       pipeline and job schema as `python -m multitalk_model.generate`;
+       pipeline and job schema as `python -m multitalk_model.generate`, and dub a short video with a tiny
+       InfiniteTalk model directory (video to video: each clip conditioned on the source frame at its position, the
+       output carrying the new speech);
   5.   curate a generated sample corpus with `pipelines/curate.py`, submitted as a Ray job to a local Ray cluster;
   6.   train the tiny model's audio branch on those shards with `training/train.py` (Ray Train + DeepSpeed, two
        workers), which writes the loss curve and the exported audio weights;
@@ -46,6 +48,7 @@ from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.generation import MultiTalkPipeline
 from multitalk_model.jobs import GenerationJob, PersonInput
+from multitalk_model.media import write_video
 from multitalk_model.regions import default_halves, region_masks
 from multitalk_model.wav2vec import Wav2VecEncoder, audio_windows
 from serving.app import build_app
@@ -133,6 +136,36 @@ def generate_video(out: Path) -> Path:
     print(
         f"   same job from the command line: python -m multitalk_model.generate --input {out / 'job.json'} "
         f"--model-dir {model_dir} --out video.mp4"
+    )
+    return result.path
+
+
+def dub_video(out: Path) -> Path:
+    step("4b. video dubbing with a tiny InfiniteTalk model: a source video speaks person 1's speech")
+    model_dir = build_tiny_model_dir(out / "tiny-infinitetalk", family="infinitetalk")
+    # The source: a slow pan over a photo that ships with scikit-image, 2 s at 25 fps.
+    photo = skimage.data.astronaut()  # 512 x 512
+    frames = np.stack([photo[100 : 100 + 320, 40 + 4 * i : 40 + 4 * i + 256] for i in range(50)])
+    source = write_video(out / "source.mp4", frames, 25)
+    job = GenerationJob(
+        video=str(source),
+        persons=[PersonInput(audio=str(out / "person1.wav"))],
+        prompt="a woman is talking",
+        mode="streaming",
+        frame_num=33,  # clips of 33 frames advancing by 24: two clips for the first 2 s of the speech
+        max_duration_s=2.0,
+        steps=2,
+        resolution=(80, 64),
+        seed=0,
+    )
+    (out / "dub_job.json").write_text(job.model_dump_json(indent=2))
+    pipeline = MultiTalkPipeline.from_model_dir(model_dir)  # the directory says infinitetalk: its sampler runs
+    result = pipeline.generate(job, out / "dubbed.mp4")
+    print(f"   {type(pipeline).__name__}: {result.num_frames} frames ({result.duration_s:.2f} s, {result.clips} clips)")
+    print(f"   video: {result.path} (sound: {out / 'person1.wav'}; source: {source})")
+    print(
+        f"   same job from the command line: python -m multitalk_model.generate --input {out / 'dub_job.json'} "
+        f"--model-dir {model_dir} --out dubbed.mp4"
     )
     return result.path
 
@@ -345,6 +378,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     transformer_forward(out)
     generate_video(out)
+    dub_video(out)
     with local_ray_cluster(keep_running=True) as cluster:
         curated = curate(out, cluster)
         train(out, cluster, curated)

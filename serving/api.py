@@ -119,11 +119,11 @@ async def _json_body(request: Request) -> Any:
 
 def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tuple[dict[str, Any], dict[str, Path]]:
     """The job as stored (inputs named relative to the job's files) and the local file behind each name."""
-    image_name = f"inputs/image{image.suffix}"
+    image_name = f"inputs/{image.field}{image.suffix}"  # the image or the video
     audio_names = [f"inputs/audio{index + 1}{upload.suffix}" for index, upload in enumerate(audio)]
     names = iter(audio_names)  # the uploads belong to the persons with audio, in order; silent ones keep null
     persons = [person.model_copy(update={"audio": person.audio and next(names)}) for person in job.persons]
-    spec = job.model_copy(update={"image": image_name, "persons": persons}).model_dump(mode="json")
+    spec = job.model_copy(update={image.field: image_name, "persons": persons}).model_dump(mode="json")
     files = {image_name: image.path} | {name: upload.path for name, upload in zip(audio_names, audio, strict=False)}
     return spec, files
 
@@ -210,7 +210,7 @@ class VideosAPI:
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=255),
     ) -> JSONResponse:
         """multipart/form-data, or JSON with files as /v1/files ids (see serving/video_form.py): `input_reference`
-        (the reference image), the persons' speech as `audio` files, `audio_file_id`s or `speech_text`, `prompt`,
+        (the reference image, or a video to dub with an InfiniteTalk model), the persons' speech as `audio` files, `audio_file_id`s or `speech_text`, `prompt`,
         `model`, `seconds`, `size`, and `options` (a JSON object: GenerationJob fields, `boxes`, `fast`; or the
         official MultiTalk input JSON)."""
         owner = self._owner(credentials)
@@ -218,8 +218,11 @@ class VideosAPI:
             fields = json_fields(await _json_body(request))
         else:
             limits = self.limits
-            largest = limits.max_image_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
-            limit_names = "limits.max_image_bytes + limits.max_persons x limits.max_audio_bytes"
+            source_bytes = max(limits.max_image_bytes, limits.max_video_bytes)
+            largest = source_bytes + limits.max_persons * limits.max_audio_bytes + _FORM_OVERHEAD_BYTES
+            limit_names = (
+                "max(limits.max_image_bytes, limits.max_video_bytes) + limits.max_persons x limits.max_audio_bytes"
+            )
             fields = list((await _multipart(request, largest, limit_names, limits.max_persons + 2)).multi_items())
         response, created = await run_in_threadpool(self._submit, owner, fields, idempotency_key)
         if created:

@@ -33,6 +33,7 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_image_bytes: int = Field(default=20 * 2**20, gt=0, description="Largest reference image upload, in bytes.")
+    max_video_bytes: int = Field(default=500 * 2**20, gt=0, description="Largest upload of a video to dub, in bytes.")
     max_image_pixels: int = Field(
         default=40_000_000, gt=0, description="Largest reference image, in pixels (decoding needs 3 bytes each)."
     )

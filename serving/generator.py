@@ -93,12 +93,13 @@ def pipeline_options(config: ServingConfig) -> dict[str, Any]:
 def _local_job(spec: dict[str, Any], job_id: str, storage: Storage, work_dir: Path) -> GenerationJob:
     """The stored job with its input files fetched from the storage into work_dir."""
     job = GenerationJob.model_validate(spec)
-    for name in [job.image, *(person.audio for person in job.persons if person.audio)]:
+    for name in [job.source, *(person.audio for person in job.persons if person.audio)]:
         storage.download(job_file(job_id, name), work_dir / name)
     persons = [
         person.model_copy(update={"audio": person.audio and str(work_dir / person.audio)}) for person in job.persons
     ]
-    return job.model_copy(update={"image": str(work_dir / job.image), "persons": persons})
+    source_field = "image" if job.image is not None else "video"
+    return job.model_copy(update={source_field: str(work_dir / job.source), "persons": persons})
 
 
 def _write_thumbnail(video: Path, out: Path) -> tuple[int, int]:

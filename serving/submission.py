@@ -1,11 +1,12 @@
-"""A video request from its uploads: the options (ours, or the official MultiTalk input JSON) and the files,
-checked against the limits and decoded before the job is accepted, so that a bad request never reaches a generator.
+"""A video request from its uploads: the options (ours, or the official MultiTalk / InfiniteTalk input JSON) and the
+files, checked against the limits and decoded before the job is accepted, so that a bad request never reaches a
+generator. The visual upload is a reference image (`image`) or a video to dub (`video`, InfiniteTalk models).
 
 Our options are any GenerationJob fields besides the uploads, plus `boxes` (one [x0, y0, x1, y1] per person, in the
-order of the audio files) and `fast` (the configured fast profile). Options holding `cond_image` or `cond_audio`
-are the official input JSON: its bbox ([y0, x0, y1, x1]) goes through the one converter in multitalk_model.jobs,
-its files are the uploads (cond_audio's person1, person2, ... are the audio files in order), and our fields may
-sit beside its keys as overrides.
+order of the audio files) and `fast` (the configured fast profile). Options holding `cond_image`, `cond_video` or
+`cond_audio` are the official input JSON: its bbox ([y0, x0, y1, x1]) goes through the one converter in
+multitalk_model.jobs, its files are the uploads (cond_audio's person1, person2, ... are the audio files in order),
+and our fields may sit beside its keys as overrides.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
+from multitalk_model.components import model_family
 from multitalk_model.jobs import GenerationJob, JobError, from_official_json
-from multitalk_model.media import MediaError
+from multitalk_model.media import MediaError, read_video_frames
 from multitalk_model.regions import validate_box
 
 from .config import CONFIGURED_FIELDS, Limits, ServingConfig
 from .inspection import UploadProblem, check_image_pixels, speech_seconds
 
-_OFFICIAL_MARKERS = {"cond_image", "cond_audio"}
+_OFFICIAL_MARKERS = {"cond_image", "cond_video", "cond_audio"}
 _EXIF_ORIENTATION = 0x0112
 _SIDEWAYS = {5, 6, 7, 8}  # EXIF orientations of a photo stored rotated by 90 degrees
-_OFFICIAL_KEYS = {"prompt", "cond_image", "audio_type", "cond_audio", "bbox"}
+_OFFICIAL_KEYS = {"prompt", "cond_image", "cond_video", "audio_type", "cond_audio", "bbox"}
 
 
 class RequestRejected(Exception):
@@ -46,7 +48,7 @@ class RequestRejected(Exception):
 class Upload:
     """One uploaded file, copied to a local path."""
 
-    field: str  # how messages name it: "image", "audio 2"
+    field: str  # how messages name it: "image", "video", "audio 2"
     filename: str  # as the client sent it
     path: Path
     size: int
@@ -74,11 +76,12 @@ def _megabytes(size: int) -> str:
 
 def check_sizes(image: Upload, audio: list[Upload], limits: Limits) -> None:
     """413 naming the limit for a file over its size limit; 422 for more persons than allowed."""
-    if image.size > limits.max_image_bytes:
+    limit_name = "max_video_bytes" if image.field == "video" else "max_image_bytes"
+    if image.size > getattr(limits, limit_name):
         raise RequestRejected(
             413,
-            f"image: {_megabytes(image.size)}, over the limit of {_megabytes(limits.max_image_bytes)} "
-            "(limits.max_image_bytes)",
+            f"{image.field}: {_megabytes(image.size)}, over the limit of {_megabytes(getattr(limits, limit_name))} "
+            f"(limits.{limit_name})",
         )
     if len(audio) > limits.max_persons:
         raise RequestRejected(
@@ -146,8 +149,8 @@ def _official_fields(official: dict[str, Any], image: Upload, audio: list[Upload
     ordered = sorted(heard, key=lambda key: int(key.removeprefix("person")) if key[6:].isdigit() else math.inf)
     uploads = {key: str(upload.path) for key, upload in zip(ordered, audio, strict=False)}
     data = {
-        **official,
-        "cond_image": str(image.path),
+        **{key: value for key, value in official.items() if key not in ("cond_image", "cond_video")},
+        "cond_image": str(image.path),  # the upload, image or video: its field decides below
         "cond_audio": {key: uploads.get(key, "None") for key in cond_audio},
     }
     try:
@@ -156,13 +159,21 @@ def _official_fields(official: dict[str, Any], image: Upload, audio: list[Upload
         raise RequestRejected(422, f"options.{error}") from None
     except ValidationError as error:
         raise RequestRejected(422, _describe(error)) from None
-    return job.model_dump(exclude_unset=True)
+    fields = job.model_dump(exclude_unset=True)
+    fields.pop("image")
+    return {image.field: str(image.path), **fields}
 
 
 def build_job(options: dict[str, Any], image: Upload, audio: list[Upload], config: ServingConfig) -> GenerationJob:
     """The job a request asks for, over the configured defaults, with its files decoded and checked."""
     if not audio:
         raise RequestRejected(422, "audio: missing; upload one audio file per person, in person order")
+    if image.field == "video" and (config.model_dir / "model_index.json").is_file():
+        family = model_family(config.model_dir)
+        if family != "infinitetalk":
+            raise RequestRejected(
+                422, f"video: dubbing a video needs an InfiniteTalk model; this service's is {family}"
+            )
     options = dict(options)
     fast = options.pop("fast", False)
     if not isinstance(fast, bool):
@@ -175,8 +186,8 @@ def build_job(options: dict[str, Any], image: Upload, audio: list[Upload], confi
         official = {key: options.pop(key) for key in official_keys}
         fields = _official_fields(official, image, audio)
     else:
-        fields = {"image": str(image.path), "persons": _persons_from_boxes(options.pop("boxes", None), audio)}
-    uploaded = sorted({"image", "persons"} & set(options))
+        fields = {image.field: str(image.path), "persons": _persons_from_boxes(options.pop("boxes", None), audio)}
+    uploaded = sorted({"image", "video", "persons"} & set(options))
     if uploaded:
         raise RequestRejected(422, f"options: {uploaded} come from the uploaded files, not from the options")
     configured = sorted(CONFIGURED_FIELDS & set(options))
@@ -228,8 +239,32 @@ def _check_limits(job: GenerationJob, limits: Limits) -> None:
         )
 
 
+def _video_size(video: Upload) -> tuple[int, int]:
+    """(width, height) of an uploaded video whose first frame decodes."""
+    try:
+        height, width = read_video_frames(video.path, num_frames=1).shape[1:3]
+    except MediaError as error:
+        raise RequestRejected(422, video.describe(error)) from None
+    return width, height
+
+
 def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits: Limits) -> None:
-    """Decodes the image and every audio file; checks the boxes against the image and the speech's length."""
+    """Decodes the image (or a video's first frame) and every audio file; checks the boxes against the image and the
+    speech's length."""
+    if image.field == "video":
+        width, height = _video_size(image)
+        if width * height > limits.max_image_pixels:
+            raise RequestRejected(
+                422,
+                f"video: {width}x{height} pixels, over the limit of {limits.max_image_pixels} (limits.max_image_pixels)",
+            )
+    else:
+        width, height = _image_size(image, limits)
+    _check_boxes_and_audio(job, audio, limits, width, height)
+
+
+def _image_size(image: Upload, limits: Limits) -> tuple[int, int]:
+    """(width, height) of an uploaded image as a viewer shows it upright."""
     try:
         with Image.open(image.path) as opened:
             opened.verify()  # the file's structure and checksums, without decoding every pixel
@@ -251,7 +286,10 @@ def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits:
         check_image_pixels(image.path, image.label, *stored_size)
     except UploadProblem as problem:
         raise RequestRejected(422, str(problem)) from None
+    return width, height
 
+
+def _check_boxes_and_audio(job: GenerationJob, audio: list[Upload], limits: Limits, width: int, height: int) -> None:
     for index, person in enumerate(job.persons):
         if person.box is not None:
             try:

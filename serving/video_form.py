@@ -2,8 +2,8 @@
 
     input_reference   the reference image (file), or the id of a /v1/files upload (`input_reference[file_id]`, or
                       `input_reference` as text, as AIPerf sends it in its multipart create); `image`
-                      is the same field under its earlier name. A video here (detected by content) is a source
-                      video for dubbing.
+                      is the same field under its earlier name, `video` another. A video here (detected by
+                      content, and checked to decode whole) is a source video to dub (InfiniteTalk models).
     audio             a person's speech (file), once per person
     audio_file_id     a person's speech uploaded through /v1/files, by id (several persons: repeat the field, or
                       give the ids comma-separated, as clients that send one text per key must)
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from .store import JobStore
 from .submission import RequestRejected, Upload, check_sizes, parse_options
 
 _CHUNK_BYTES = 1 << 20
-_IMAGE_FIELDS = ("input_reference", "image")
+_IMAGE_FIELDS = ("input_reference", "image", "video")
 _IMAGE_ID_FIELD = "input_reference[file_id]"
 _SPEECH_FIELDS = ("audio", "audio_file_id", "speech_text")
 _TEXT_FIELDS = ("prompt", "model", "seconds", "size", "options")
@@ -109,20 +109,19 @@ def json_fields(body: Any) -> list[tuple[str, Any]]:
     return fields
 
 
-def _refuse_videos(field: str, reference: Upload) -> None:
-    """A reference that is not a picture (by content) must be a whole video: a source video for dubbing."""
-    if not reference.size or is_image(reference.path):
-        return  # an empty file is told "empty" with the image checks
+def _as_image_or_video(field: str, reference: Upload) -> Upload:
+    """The reference as the job's image, or (when its content is not a picture) as a source video to dub."""
+    if not reference.size or (is_image(reference.path) and field != "video"):
+        return reference  # an empty file is told "empty" with the image checks
+    return replace(reference, field="video")
+
+
+def _check_video(field: str, reference: Upload) -> None:
+    """A source video must hold a video stream whose frames all decode."""
     try:
-        video = inspect_video(reference.path, f"{field} ({reference.filename!r})")
+        inspect_video(reference.path, f"{field} ({reference.filename!r})")
     except UploadProblem as problem:
         raise RequestRejected(422, str(problem)) from None
-    raise RequestRejected(
-        422,
-        f"{field} ({reference.filename!r}): a video ({video.width}x{video.height}, {video.frames} frames); "
-        "dubbing needs the job schema's `video` field (video-to-video dubbing), which this server does not have "
-        "yet: send a reference image",
-    )
 
 
 class VideoFormReader:
@@ -174,8 +173,10 @@ class VideoFormReader:
             speech.append(upload)
             digest.update(f"{name}:{fingerprint}".encode())
         digest.update(json.dumps([texts.get(name, "") for name in _TEXT_FIELDS]).encode())
-        check_sizes(image, speech, limits)
-        _refuse_videos(reference_field, image)
+        image = _as_image_or_video(reference_field, image)
+        check_sizes(image, speech, limits)  # before any decoding
+        if image.field == "video":
+            _check_video(reference_field, image)
         return VideoForm(image=image, speech=speech, options=options, digest=digest.hexdigest())
 
     def _openai_fields(self, texts: dict[str, str], options: dict[str, Any]) -> dict[str, Any]:

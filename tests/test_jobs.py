@@ -134,7 +134,7 @@ def test_boxes_for_only_some_persons_are_rejected():
         ({"steps": 0}, r"steps: Input should be greater than or equal to 1"),
         ({"audio_guidance": -1.0}, r"audio_guidance: Input should be greater than or equal to 0"),
         ({"motion_frames": 24}, r"motion_frames: must be 4n \+ 1 and at least 1 .*, got 24"),
-        ({"frame_num": 25}, r"motion_frames must be < frame_num, got 25 >= 25"),
+        ({"frame_num": 25, "motion_frames": 25}, r"motion_frames must be < frame_num, got 25 >= 25"),
         ({"persons": [{"audio": "a.wav", "box": [10, 0, 5, 10]}]}, r"persons\.0\.box: .*x1 > x0"),
     ],
 )

@@ -341,11 +341,11 @@ def _bad_inputs(inputs: Inputs, http: httpx.Client) -> dict[str, tuple[list, dic
             422,
             r"input_reference \('truncated.mp4'\): cannot decode frame \d+ of the video",
         ),
-        "a source video (dubbing not in this build)": (
+        "a source video to dub on a MultiTalk deployment": (
             [file_of("input_reference", "source.mp4"), *voice],
             options,
             422,
-            r"input_reference \('source.mp4'\): a video \(64x48, 25 frames\); dubbing needs the job schema's `video`",
+            r"video: dubbing a video needs an InfiniteTalk model; this service's is multitalk",
         ),
         "unknown form field": (
             [image, *voice],

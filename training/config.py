@@ -66,6 +66,11 @@ class DataConfig(ConfigSection):
 
 
 class ObjectiveConfig(ConfigSection):
+    family: Literal["multitalk", "infinitetalk"] = Field(
+        default="multitalk",
+        description="model family trained: its sampler's conditioning (infinitetalk: frame 0 from a sampled "
+        "position of the clip, the first motion_frames frames as clean context; set motion_frames: 9 for it)",
+    )
     timestep_shift: float = Field(default=7.0, gt=0, description="shift of the sampled flow timesteps (as inference)")
     timestep_sampling: Literal["uniform", "logit_normal"] = Field(
         default="uniform", description="distribution of the timesteps before the shift"

@@ -10,6 +10,11 @@ mask and the VAE latent of the given frames followed by grey frames, CLIP sees t
 caption, and AI2V clips the persons' audio with their regions. The loss covers the latent frames after the given
 ones, optionally weighted per timestep as DiffSynth-Studio weights Wan's flow-matching training.
 
+The InfiniteTalk family (`family: infinitetalk`, arXiv 2508.14033) is conditioned as its sampler conditions a clip
+(multitalk_model/infinitetalk.py): the condition channels give frame 0 only, the reference frame, drawn from the clip
+at a sampled position; context frames, as from the previous chunk (the clip's first `motion_frames` frames for the
+`motion_condition_ratio` share, else its first frame), are pasted clean into x_t and excluded from the loss.
+
 Multi-task: I2V clips (multi-event, no speech) and AI2V clips with dropped audio see the null audio of inference
 guidance, one silent stream; dropped captions (and clips without one) see the null prompt. With both dropped, the
 model learns the unconditional prediction the 3-pass guidance needs.
@@ -42,6 +47,7 @@ class ModelInputs:
     audio: torch.Tensor  # [B, P, F, window, layers, channels]
     audio_streams: torch.Tensor  # [B], 1 for the null audio
     region_masks: torch.Tensor  # [B, P + 1, h, w]
+    clean_context: bool = False  # InfiniteTalk: the given frames are pasted clean from the clip's own latents
 
 
 def sample_timesteps(batch_size: int, config: ObjectiveConfig, generator: torch.Generator) -> torch.Tensor:
@@ -112,6 +118,8 @@ def model_inputs(
     dtype: torch.dtype,
 ) -> ModelInputs:
     """Runs the frozen encoders and builds the conditions of a batch (dropouts drawn from `generator`)."""
+    if config.family == "infinitetalk":
+        return infinitetalk_model_inputs(batch, encoders, config, generator, device, dtype)
     captions, audio, streams = drop_conditions(batch, config, generator)
     given_frames = sample_given_frames(len(batch), config, generator)
     video = batch.video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, F, H, W] in [-1, 1]
@@ -148,7 +156,10 @@ def velocity_loss(
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     t_latent = t.view(-1, 1, 1, 1, 1).to(latents.dtype)
     noisy = (1 - t_latent) * latents + t_latent * noise
-    noisy = _paste_given(noisy, inputs, t * NUM_TRAIN_TIMESTEPS, noise)
+    if inputs.clean_context:
+        noisy = _paste_context(noisy, inputs)
+    else:
+        noisy = _paste_given(noisy, inputs, t * NUM_TRAIN_TIMESTEPS, noise)
     prediction = model(
         hidden_states=torch.cat([noisy, inputs.condition], dim=1),
         timestep=t * NUM_TRAIN_TIMESTEPS,
@@ -179,4 +190,51 @@ def _paste_given(noisy: torch.Tensor, inputs: ModelInputs, t: torch.Tensor, nois
     for i, frames in enumerate(inputs.given_frames):
         given_noise = noise[i : i + 1, :, : given_latent_frames(frames)]
         pasted.append(paste_given_frames(noisy[i : i + 1], condition_latents[i : i + 1], frames, t[i], given_noise))
+    return torch.cat(pasted)
+
+
+def sample_reference_positions(batch: ClipBatch, given_frames: list[int], generator: torch.Generator) -> list[int]:
+    """InfiniteTalk: per sample, the frame of the clip that is its reference; a first-clip sample (one given frame)
+    is referenced on frame 0, as the first clip of a video is; the others at a uniformly drawn frame."""
+    positions = torch.randint(0, batch.video.shape[1], (len(batch),), generator=generator).tolist()
+    return [0 if frames == 1 else position for frames, position in zip(given_frames, positions, strict=True)]
+
+
+def infinitetalk_model_inputs(
+    batch: ClipBatch,
+    encoders: FrozenEncoders,
+    config: ObjectiveConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ModelInputs:
+    """The InfiniteTalk conditioning of a batch: frame 0 given as the reference frame (CLIP and VAE of it, then grey
+    frames), the context frames (`given_frames`) pasted clean in `velocity_loss`."""
+    captions, audio, streams = drop_conditions(batch, config, generator)
+    context_frames = sample_given_frames(len(batch), config, generator)
+    positions = sample_reference_positions(batch, context_frames, generator)
+    reference = batch.video[torch.arange(len(batch)), torch.tensor(positions)]  # [B, H, W, 3] uint8
+    video = batch.video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, F, H, W] in [-1, 1]
+    condition_video = torch.zeros_like(video)
+    condition_video[:, :, 0] = reference.permute(0, 3, 1, 2).float() / 127.5 - 1
+    condition = condition_channels(encoders.video(condition_video, device), 1)
+    return ModelInputs(
+        latents=encoders.video(video, device).to(dtype),
+        condition=condition.to(dtype),
+        given_frames=context_frames,
+        text=encoders.text(captions, device).to(dtype),
+        image=encoders.image(reference, device).to(dtype),
+        audio=audio.to(device, dtype),
+        audio_streams=streams.to(device),
+        region_masks=batch.region_masks.to(device),
+        clean_context=True,
+    )
+
+
+def _paste_context(noisy: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
+    """Pastes each sample's context frames clean (the clip's own latents), as the InfiniteTalk sampler does."""
+    pasted = []
+    for i, frames in enumerate(inputs.given_frames):
+        clean = inputs.latents[i : i + 1, :, : given_latent_frames(frames)]
+        pasted.append(paste_given_frames(noisy[i : i + 1], clean, frames, 0.0, torch.zeros_like(clean)))
     return torch.cat(pasted)

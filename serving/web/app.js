@@ -71,9 +71,14 @@ function personsChanged() {
 
 // ------------------------------------------------------------------------------------------------------ regions
 
+// A chosen video is dubbed: the service finds the persons on its first frame.
+function isVideo(file) {
+  return file.type.startsWith("video/");
+}
+
 async function detectRegions() {
   const image = $("#image").files[0];
-  if (!image) return;
+  if (!image || isVideo(image)) return;
   const form = new FormData();
   form.append("image", image);
   form.append("persons", String(audioInputs().length));
@@ -90,6 +95,12 @@ async function detectRegions() {
 async function imageChosen() {
   const image = $("#image").files[0];
   if (!image) return;
+  if (isVideo(image)) {
+    state.picture = state.regions = null;
+    $("#regions-panel").hidden = true;
+    $("#mode").value = "streaming"; // a dub is as long as its new audio
+    return;
+  }
   state.picture = await createImageBitmap(image, { imageOrientation: "from-image" });
   $("#regions-panel").hidden = false;
   drawRegions();
@@ -202,11 +213,11 @@ async function submit(event) {
     text: input.closest("li").querySelector(".speech-text").value.trim(),
   }));
   if (!image || speech.some(({ file, text }) => !file && !text)) {
-    $("#form-error").textContent = "Choose an image, and an audio file or the words of every person.";
+    $("#form-error").textContent = "Choose an image or a video, and an audio file or the words of every person.";
     return;
   }
   const form = new FormData();
-  form.append("input_reference", image);
+  form.append("input_reference", image); // an image, or a video to dub (told apart by content)
   // Persons are numbered in the order of their speech fields.
   speech.forEach(({ file, text }) => (file ? form.append("audio", file) : form.append("speech_text", text)));
   $("#submit").disabled = true;
