@@ -210,9 +210,9 @@ class VideosAPI:
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=255),
     ) -> JSONResponse:
         """multipart/form-data, or JSON with files as /v1/files ids (see serving/video_form.py): `input_reference`
-        (the reference image, or a video to dub with an InfiniteTalk model), the persons' speech as `audio` files, `audio_file_id`s or `speech_text`, `prompt`,
-        `model`, `seconds`, `size`, and `options` (a JSON object: GenerationJob fields, `boxes`, `fast`; or the
-        official MultiTalk input JSON)."""
+        (the reference image, or a video to dub with an InfiniteTalk model), the persons' speech as `audio` files,
+        `audio_file_id`s or `speech_text`, `prompt`, `model`, `seconds`, `size`, and `options` (a JSON object:
+        GenerationJob fields, `boxes`, `fast`; or the official MultiTalk / InfiniteTalk input JSON)."""
         owner = self._owner(credentials)
         if request.headers.get("content-type", "").startswith("application/json"):
             fields = json_fields(await _json_body(request))

@@ -256,7 +256,8 @@ def _check_media(job: GenerationJob, image: Upload, audio: list[Upload], limits:
         if width * height > limits.max_image_pixels:
             raise RequestRejected(
                 422,
-                f"video: {width}x{height} pixels, over the limit of {limits.max_image_pixels} (limits.max_image_pixels)",
+                f"video: {width}x{height} pixels, over the limit of {limits.max_image_pixels} "
+                "(limits.max_image_pixels)",
             )
     else:
         width, height = _image_size(image, limits)
