@@ -150,12 +150,12 @@ def main() -> None:
 
     print(f"\nseconds of video scored per second of wall time ({args.threads} threads), {video_s:.1f} s of video")
     for metric, elapsed in seconds.items():
-        print(f"  {metric:28s} {video_s / elapsed:8.1f}")
+        print(f"  {metric:28s} {video_s / elapsed:8.3g}")
     total = sum(seconds.values())
-    print(f"  {'offline sync, end to end':28s} {video_s / total:8.1f}")
-    print(f"  {'binding (2 persons, no decode)':28s} {10.04 / binding_s:8.1f}")
-    print(f"  {'SyncNet (Sync-C/D, CPU)':28s} {2.0 / syncnet_s:8.1f}")
-    print(f"  {'identity (1 descriptor/s)':28s} {2.0 / identity_s:8.1f}")
+    print(f"  {'offline sync, end to end':28s} {video_s / total:8.3g}")
+    print(f"  {'binding (2 persons, no decode)':28s} {10.04 / binding_s:8.3g}")
+    print(f"  {'SyncNet (Sync-C/D, CPU)':28s} {2.0 / syncnet_s:8.3g}")
+    print(f"  {'identity (1 descriptor/s)':28s} {2.0 / identity_s:8.3g}")
 
 
 if __name__ == "__main__":
