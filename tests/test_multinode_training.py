@@ -1,6 +1,6 @@
 """Training on a simulated Ray cluster: two nodes of one worker each, DeepSpeed over gloo, one node killed mid-run.
 
-`ray.cluster_utils.Cluster` starts a head (the drivers, no CPUs) and two worker nodes on this machine, each with its
+`ray.cluster_utils.Cluster` starts a head (the drivers, one CPU) and two worker nodes on this machine, each with its
 own raylet, object store, IP (127.0.0.2, 127.0.0.3: Ray Train numbers nodes by IP) and a `trainer` resource that
 admits one training worker. Curation runs on both nodes and writes the corpus into a folder every node sees, as a
 cluster's shared volume. Training is held at the pause point after its first checkpoint, the node of world rank 1
@@ -50,7 +50,8 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # The head's CPU runs curation's tasks beside its model actors on the training nodes; no trainer lands there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = [_training_node(cluster, f"127.0.0.{index}") for index in (2, 3)]
     cluster.connect()
     try:
