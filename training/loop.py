@@ -85,7 +85,7 @@ class Worker:
         self.config = config
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        # Where the worker runs, for data audits across nodes: Ray Train numbers nodes by IP in world-rank order.
+        # Where the worker runs, for data audits across nodes: Ray Train numbers nodes by IP, in world-rank order.
         self.placement = {
             "node": ray.get_runtime_context().get_node_id(),
             "node_rank": context.get_node_rank(),
