@@ -128,6 +128,9 @@ class ClusterConfig(ConfigSection):
     num_workers: int = Field(default=64, ge=1, description="training workers (one per GPU)")
     use_gpu: bool = Field(default=True, description="one GPU per worker")
     cpus_per_worker: float = Field(default=8, gt=0, description="CPUs per worker (its loader processes run there)")
+    worker_resources: dict[str, float] = Field(
+        default={}, description="further Ray resources per worker, e.g. a node type's custom resource that pins them"
+    )
     max_failures: int = Field(default=3, ge=-1, description="worker-group restarts from the latest checkpoint")
     ray_address: str | None = Field(default=None, description="Ray cluster address (default: RAY_ADDRESS or local)")
     local_num_cpus: int = Field(default=2, ge=1, description="CPUs of an embedded local Ray")

@@ -86,6 +86,12 @@ class Worker:
         self.config = config
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        # Where the worker runs, for data audits across nodes: Ray Train numbers nodes by IP, in world-rank order.
+        self.placement = {
+            "node": ray.get_runtime_context().get_node_id(),
+            "node_rank": context.get_node_rank(),
+            "local_rank": context.get_local_rank(),
+        }
         self.device = ray.train.torch.get_device()  # this worker's GPU among those Ray gave the node, or the CPU
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -243,7 +249,8 @@ def train_loop_per_worker(config_values: dict) -> None:
         if metrics_log is not None:
             metrics_log.write(worker.step, {k: v for k, v in metrics.items() if k != "step"})
         if sample_log is not None:
-            sample_log.write(json.dumps({"step": worker.step, "pid": os.getpid(), "clips": stats.clips}) + "\n")
+            record = {"step": worker.step, "pid": os.getpid(), **worker.placement, "clips": stats.clips}
+            sample_log.write(json.dumps(record) + "\n")
             sample_log.flush()
         # Reports are few: Ray Train takes one per worker at a time, and a report is a barrier of all workers.
         if worker.step % schedule.checkpoint_every == 0 or last:

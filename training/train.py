@@ -37,7 +37,7 @@ def run(config: TrainingConfig) -> Result:
         scaling_config=ScalingConfig(
             num_workers=config.cluster.num_workers,
             use_gpu=config.cluster.use_gpu,
-            resources_per_worker={"CPU": config.cluster.cpus_per_worker},
+            resources_per_worker={"CPU": config.cluster.cpus_per_worker, **config.cluster.worker_resources},
         ),
         run_config=RunConfig(
             name=config.cluster.run_name,
