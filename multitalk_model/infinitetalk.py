@@ -147,7 +147,9 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
         self._use_job_loras(job.loras)
         starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
         audio_frames = int(len(prepared.speech[0]) / SAMPLE_RATE * VIDEO_FPS)
-        conditions = self._job_conditions(prepared, audio_frames_needed(starts[-1] + job.frame_num, audio_frames))
+        conditions = self._job_conditions(
+            prepared, starts, audio_frames_needed(starts[-1] + job.frame_num, audio_frames)
+        )
         references = self.reference_frames(prepared, starts)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         motion = _to_pixels(references[0])[:, None]  # the first clip's motion frame is its reference frame
@@ -160,7 +162,8 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
                 StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
             )
             hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
-            latent = self._denoise_clip(job, clip, conditions, audio, step_cache, generator, hooks)
+            text = conditions.clip_texts[clip_index]
+            latent = self._denoise_clip(job, clip, text, conditions, audio, step_cache, generator, hooks)
             if step_cache is not None:
                 cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
             # Colour-matched to prepared.image, the first clip's reference frame, in every clip (as the reference).

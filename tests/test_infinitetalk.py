@@ -195,13 +195,15 @@ def test_a_clip_is_denoised_as_the_reference_denoises_it(pipeline, shared_media,
         }
     )
     prepared = pipeline.prepare(job)
-    conditions = pipeline._job_conditions(prepared, job.frame_num)
+    conditions = pipeline._job_conditions(prepared, [0], job.frame_num)
     audio = conditions.audio[:, :, : job.frame_num]
     reference = _to_pixels(prepared.image)[:, None]  # [3, 1, H, W]
     motion = reference if motion_frames == 1 else torch.rand(3, motion_frames, 32, 48) * 2 - 1
     clip = pipeline.encode_clip(prepared.image, motion, job.frame_num)
     hooks = _StepHooks(1, 1, job.steps, None, None)
-    ours = pipeline._denoise_clip(prepared.job, clip, conditions, audio, None, torch.Generator().manual_seed(5), hooks)
+    text = conditions.clip_texts[0]
+    generator = torch.Generator().manual_seed(5)
+    ours = pipeline._denoise_clip(prepared.job, clip, text, conditions, audio, None, generator, hooks)
 
     c = pipeline.components
     padded = torch.cat([reference, torch.zeros(3, job.frame_num - 1, 32, 48)], dim=1)
@@ -210,7 +212,7 @@ def test_a_clip_is_denoised_as_the_reference_denoises_it(pipeline, shared_media,
     denoiser = GuidedDenoiser(
         c.transformer,
         GuidanceScales(job.text_guidance, job.audio_guidance),
-        conditions.text,
+        conditions.clip_texts[0],
         conditions.negative_text,
         pipeline.encode_clip(prepared.image, reference, job.frame_num).image_states,  # CLIP of the reference frame
         audio,
