@@ -201,11 +201,6 @@ class ServingConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits, description="Request limits.")
     generator: GeneratorScaling = Field(default_factory=GeneratorScaling, description="Generator replicas.")
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults, description="Job defaults.")
-    step_hook: str | None = Field(
-        default=None,
-        description="'module:function' a generator replica calls with (job id, progress) after every sampling step; "
-        "tests hold jobs at a known step with it. None in service.",
-    )
 
     @field_validator("database_url")
     @classmethod

@@ -9,7 +9,6 @@ goes back to the storage before the job is marked succeeded, so a succeeded job 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import tempfile
 from collections.abc import Callable
@@ -124,11 +123,6 @@ def _summary(result: GenerationResult, size: tuple[int, int], started: datetime,
     }
 
 
-def _import_hook(path: str) -> Callable[[str, Progress], None]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 @serve.deployment(max_ongoing_requests=1)
 class Generator:
     """One replica: a runner and the job store and storage it reads from and reports to."""
@@ -137,7 +131,6 @@ class Generator:
         self.store = JobStore(config.database_url)
         self.storage = Storage(config.storage_uri)
         self.runner = build_runner(config)
-        self.step_hook = _import_hook(config.step_hook) if config.step_hook else None
 
     def __del__(self) -> None:
         # Serve calls this when the replica stops: a device group's rank actors and placement group go with it.
@@ -159,8 +152,6 @@ class Generator:
             nonlocal go_on
             step = StepProgress(progress.clip, progress.clips, progress.step, progress.steps, progress.percent)
             go_on = self.store.report(job_id, attempt, step)
-            if self.step_hook is not None:
-                self.step_hook(job_id, progress)
             pause_point("generator-step")
 
         state, error, summary = JobState.SUCCEEDED, None, None

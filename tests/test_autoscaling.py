@@ -1,14 +1,11 @@
 """Generator replicas scale on queued jobs: on a local Ray with at most 2 replicas, a burst of jobs starts the
 second replica, both replicas run jobs, and once the queue is empty the deployment scales back to one.
 
-Jobs are held at their first step by a gate (the generator's step hook) until the test has seen two replicas
-each holding one: no job can finish before the autoscaler has acted, whatever the machine's speed.
+Jobs are held at their first step (the generator's `generator-step` pause point) until the test has seen two
+replica processes each holding one: no job can finish before the autoscaler has acted, whatever the machine's speed.
 """
 
-import asyncio
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -23,11 +20,12 @@ from multitalk_model.fixtures.speech import synthesize_speech, write_wav
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from serving.app import build_app
 from serving.config import GenerationDefaults, GeneratorScaling, ServingConfig
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 APP, KEY = "multitalk-autoscaling", "scaling-key"
-GATE, GATE_NAMESPACE = "autoscaling-gate", "multitalk-tests"
+STEP_PAUSE = "generator-step"  # platform_common.pause: a replica reported a sampling step
 SMALL = {"steps": 2, "frame_num": 5, "motion_frames": 1, "resolution": [32, 32]}
 # Only guards against a hang: every wait below ends on a condition.
 HANG_GUARD_S = 300
@@ -36,50 +34,6 @@ FAST_METRICS = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.2",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.2",
 }
-
-
-@ray.remote(num_cpus=0)
-class Gate:
-    """Where generator replicas hold their jobs until the test opens it; remembers which replica ran which job."""
-
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.changed = asyncio.Condition()
-        self.holding: dict[str, str] = {}  # job id -> replica, while held
-        self.ran: dict[str, str] = {}  # job id -> the replica that ran it
-
-    async def arrive(self, job_id: str, replica: str) -> None:
-        self.ran[job_id] = replica
-        if self.opened.is_set():
-            return
-        async with self.changed:
-            self.holding[job_id] = replica
-            self.changed.notify_all()
-        await self.opened.wait()
-
-    async def replicas_holding(self, count: int) -> dict[str, str]:
-        async with self.changed:
-            await self.changed.wait_for(lambda: len(set(self.holding.values())) >= count)
-            return dict(self.holding)
-
-    def open(self) -> dict[str, str]:
-        self.opened.set()
-        return dict(self.ran)
-
-    def runs(self) -> dict[str, str]:
-        return dict(self.ran)
-
-
-def hold_at_gate(job_id: str, _progress) -> None:
-    """The generator's step hook (ServingConfig.step_hook), called in the replica after every step."""
-    replica = serve.get_replica_context().replica_id.unique_id
-    ray.get(ray.get_actor(GATE, namespace=GATE_NAMESPACE).arrive.remote(job_id, replica))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _running_generators() -> dict[str, int]:
@@ -107,23 +61,13 @@ def scaling_service(tmp_path, monkeypatch):
             num_cpus=0.5,
         ),
         generation=GenerationDefaults(defaults=SMALL),
-        step_hook=f"{__name__}:hold_at_gate",
     )
-    # Replicas import this module for the hook: give every worker this folder and the repository.
-    here = Path(__file__).resolve().parent
-    paths = [str(here), str(here.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths), **FAST_METRICS}},
-    )
-    gate = Gate.options(name=GATE, namespace=GATE_NAMESPACE).remote()
-    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": FAST_METRICS})
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP, route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-        yield http, gate, tmp_path
+        yield http, tmp_path
     serve.shutdown()
     ray.shutdown()
 
@@ -151,17 +95,18 @@ def _until(condition, what: str):
     return value
 
 
-def test_a_burst_of_jobs_starts_a_second_replica_both_run_jobs_then_it_scales_back(scaling_service):
-    http, gate, root = scaling_service
+def test_a_burst_of_jobs_starts_a_second_replica_both_run_jobs_then_it_scales_back(scaling_service, pause_gate):
+    http, root = scaling_service
     assert _running_generators() == {"RUNNING": 1}
 
+    pause_gate.hold(STEP_PAUSE)
     jobs = [_submit(http, root, seed) for seed in range(4)]
-    # One replica runs one job at a time: two jobs held at once means the autoscaler started the second replica.
-    holding = ray.get(gate.replicas_holding.remote(2), timeout=HANG_GUARD_S)
-    assert len(set(holding.values())) == 2
+    # One replica runs one job at a time: two processes held at once means the autoscaler started the second replica.
+    holders = pause_gate.wait_reached(STEP_PAUSE, count=2, limit_s=HANG_GUARD_S)
+    assert len(set(holders)) == 2
     assert _running_generators() == {"RUNNING": 2}
 
-    gate.open.remote()
+    pause_gate.release(STEP_PAUSE)  # both replicas finish the jobs they hold, and the rest
     auth = {"Authorization": f"Bearer {KEY}"}
 
     def finished() -> list[dict]:
@@ -170,8 +115,6 @@ def test_a_burst_of_jobs_starts_a_second_replica_both_run_jobs_then_it_scales_ba
 
     states = _until(finished, "every job finished")
     assert [job["status"] for job in states] == ["completed"] * len(jobs), [job["error"] for job in states]
-    runs = ray.get(gate.runs.remote())
-    assert set(runs) == set(jobs) and len(set(runs.values())) == 2  # both replicas finished jobs
 
     # The queue is empty: back to min_replicas.
     _until(lambda: _running_generators() == {"RUNNING": 1}, "the deployment scaled back to one replica")
