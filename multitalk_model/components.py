@@ -170,7 +170,7 @@ def load_components(
         **vars(encoders),
         transformer=transformer.eval(),
         audio_encoder=Wav2VecEncoder.from_pretrained(model_dir / "wav2vec2", device=device, dtype=torch.float32),
-        scheduler=_load_scheduler(model_dir / "scheduler"),
+        scheduler=load_scheduler(model_dir / "scheduler"),
         config=config,
         family=family,
     )
@@ -386,7 +386,7 @@ def _config_from_wan(values: dict[str, Any], path: Path, audio_config: dict[str,
     return config
 
 
-def _load_scheduler(scheduler_dir: Path) -> SchedulerMixin:
+def load_scheduler(scheduler_dir: Path) -> SchedulerMixin:
     """The scheduler class its config names, from diffusers."""
     config_file = scheduler_dir / "scheduler_config.json"
     class_name = _read_json(config_file).get("_class_name")
@@ -404,6 +404,7 @@ __all__ = [
     "encode_prompt",
     "load_components",
     "load_encoders",
+    "load_scheduler",
     "transformer_form",
     "transformer_weights",
     "model_family",

@@ -289,12 +289,14 @@ def test_periodic_evaluation_scores_the_current_weights_and_keeps_the_best(model
         test_set=str(tmp_path / "test.jsonl"), every=2, protocol=PROTOCOL, keep_best="fidelity.psnr"
     )
     model = build_training_model(ModelConfig(preset="tiny", model_dir=str(models["seed0"]), precision="fp32"), "cpu", 0)
-    encoders = FrozenEncoders.load(models["seed0"], model, get_preset("tiny"), "cpu", torch.float32)
+    encoders = FrozenEncoders.load(models["seed0"], get_preset("tiny"), "cpu", torch.float32)
     best = tmp_path / "out" / BEST_DIR / BEST_FILE
     best.parent.mkdir(parents=True)
     # A best step recorded before a restart, better than anything: the evaluation keeps it.
     best.write_text(json.dumps({"step": 1, "metric": "fidelity.psnr", "value": 1e9}))
-    evaluation = PeriodicEvaluation(settings, str(models["seed0"]), encoders.components, tmp_path / "out")
+    evaluation = PeriodicEvaluation(
+        settings, str(models["seed0"]), encoders.encoders, get_preset("tiny"), tmp_path / "out"
+    )
 
     scores = evaluation(model, step=2)
 
@@ -305,7 +307,9 @@ def test_periodic_evaluation_scores_the_current_weights_and_keeps_the_best(model
 
     # Without a better record, this step's audio weights become the best.
     best.write_text(json.dumps({"step": 1, "metric": "fidelity.psnr", "value": -1e9}))
-    evaluation = PeriodicEvaluation(settings, str(models["seed0"]), encoders.components, tmp_path / "out")
+    evaluation = PeriodicEvaluation(
+        settings, str(models["seed0"]), encoders.encoders, get_preset("tiny"), tmp_path / "out"
+    )
     assert evaluation(model, step=4) == scores  # same weights, same seed: the same videos and scores
     assert json.loads(best.read_text()) == {"step": 4, "metric": "fidelity.psnr", "value": scores["fidelity.psnr"]}
     exported = load_file(best.parent / "multitalk.safetensors")

@@ -22,7 +22,8 @@ from evaluation.clips import generate_clip, score_clip
 from evaluation.stats import better_direction
 from evaluation.testset import load_test_set
 from multitalk_model.checkpoints import export_audio_weights
-from multitalk_model.components import MultiTalkComponents
+from multitalk_model.components import ConditionEncoders, MultiTalkComponents, load_scheduler
+from multitalk_model.config import MultiTalkConfig
 from multitalk_model.generation import MultiTalkPipeline
 from multitalk_model.transformer import MultiTalkTransformer3DModel
 from multitalk_model.wav2vec import Wav2VecEncoder
@@ -40,15 +41,23 @@ class PeriodicEvaluation:
     """Rank 0's evaluations of the model being trained."""
 
     def __init__(
-        self, settings: EvaluationSettings, model_dir: str, components: MultiTalkComponents, output: str | Path
+        self,
+        settings: EvaluationSettings,
+        model_dir: str,
+        encoders: ConditionEncoders,
+        architecture: MultiTalkConfig,
+        output: str | Path,
     ) -> None:
         self.settings = settings
         self.output = Path(output)
         self.clips = load_test_set(settings.test_set, self.output / EVALUATION_DIR / "test_set")[: settings.max_clips]
-        device = components.transformer.device
-        audio_encoder = Wav2VecEncoder.from_pretrained(Path(model_dir) / "wav2vec2", device=device, dtype=torch.float32)
-        # The training worker's encoders and transformer: nothing is loaded twice.
-        self.components = dataclasses.replace(components, audio_encoder=audio_encoder)
+        # The training worker's encoders (and, at each call, its transformer): nothing is loaded twice. Training
+        # reads wav2vec features from the shards, so the evaluation brings the audio encoder and the scheduler.
+        self.encoders, self.architecture = encoders, architecture
+        self.audio_encoder = Wav2VecEncoder.from_pretrained(
+            Path(model_dir) / "wav2vec2", device=encoders.vae.device, dtype=torch.float32
+        )
+        self.scheduler = load_scheduler(Path(model_dir) / "scheduler")
         best = self.output / BEST_DIR / BEST_FILE
         self.best = json.loads(best.read_text()) if best.is_file() else None  # survives a restart
 
@@ -57,7 +66,15 @@ class PeriodicEvaluation:
 
     def __call__(self, transformer: MultiTalkTransformer3DModel, step: int) -> dict[str, float]:
         """Generate and score the test set at `step`; returns the mean of each metric over the clips."""
-        pipeline = MultiTalkPipeline(dataclasses.replace(self.components, transformer=transformer), transformer.device)
+        encoders = {field.name: getattr(self.encoders, field.name) for field in dataclasses.fields(ConditionEncoders)}
+        components = MultiTalkComponents(
+            **encoders,
+            transformer=transformer,
+            audio_encoder=self.audio_encoder,
+            scheduler=self.scheduler,
+            config=self.architecture,
+        )
+        pipeline = MultiTalkPipeline(components, transformer.device)
         folder = self.output / EVALUATION_DIR / f"step_{step:08d}"
         values: dict[str, list[float]] = {}
         was_training = transformer.training

@@ -218,7 +218,9 @@ def _periodic_evaluation(config: TrainingConfig, worker: Worker) -> PeriodicEval
     """Rank 0's evaluation of the current weights on the configured test set, if any."""
     if worker.rank != 0 or not config.evaluation.test_set:
         return None
-    return PeriodicEvaluation(config.evaluation, config.model.model_dir, worker.encoders.components, config.output)
+    return PeriodicEvaluation(
+        config.evaluation, config.model.model_dir, worker.encoders.encoders, worker.architecture, config.output
+    )
 
 
 def train_loop_per_worker(config_values: dict) -> None:
