@@ -109,9 +109,18 @@ def json_fields(body: Any) -> list[tuple[str, Any]]:
     return fields
 
 
+# How image files start: one that starts so is an image, whole or broken (a broken one is told so as an image).
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
 def _as_image_or_video(field: str, reference: Upload) -> Upload:
-    """The reference as the job's image, or (when its content is not a picture) as a source video to dub."""
-    if not reference.size or (is_image(reference.path) and field != "video"):
+    """The reference as the job's image, or (when its content is no picture) as a source video to dub."""
+    if field == "video":
+        return replace(reference, field="video")
+    with reference.path.open("rb") as file:
+        head = file.read(12)
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    if not reference.size or head.startswith(_IMAGE_SIGNATURES) or webp or is_image(reference.path):
         return reference  # an empty file is told "empty" with the image checks
     return replace(reference, field="video")
 
