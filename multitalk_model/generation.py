@@ -339,22 +339,41 @@ class MultiTalkPipeline:
         condition = _to_pixels(prepared.image)[:, None]  # [3, 1, H, W]: the reference image is the first condition
         frames: list[np.ndarray] = []
         cache_computed = cache_skipped = 0
-        for clip_index, clip_start in enumerate(starts):
+        for clip_index in range(len(starts)):
             clip = self._encode_clip_condition(condition, job.frame_num, paste=clip_index > 0)
-            audio = conditions.audio[:, :, clip_start : clip_start + job.frame_num]
-            step_cache = (
-                StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
+            latent, computed, skipped = self._sample_clip(
+                job, clip, clip_index, starts, conditions, generator, progress, cancelled
             )
-            hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
-            text = conditions.clip_texts[clip_index]
-            latent = self._denoise_clip(job, clip, text, conditions, audio, step_cache, generator, hooks)
-            if step_cache is not None:
-                cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
+            cache_computed, cache_skipped = cache_computed + computed, cache_skipped + skipped
             clip_frames = self._decode_clip(latent, prepared)
             frames.append(clip_frames if clip_index == 0 else clip_frames[clip.given_frames :])
             condition = _to_pixels(clip_frames[-job.motion_frames :])  # [3, motion, H, W]
         total = cache_computed + cache_skipped
         return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
+
+    def _sample_clip(
+        self,
+        job: GenerationJob,
+        clip: _ClipCondition,
+        clip_index: int,
+        starts: list[int],
+        conditions: _JobConditions,
+        generator: torch.Generator,
+        progress: Callable[[Progress], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> tuple[torch.Tensor, int, int]:
+        """One clip denoised from noise on its audio window and prompt: its latent, and the forwards the step cache
+        computed and skipped. Each family's sampler chooses the clip's condition; this part is common to both."""
+        clip_start = starts[clip_index]
+        audio = conditions.audio[:, :, clip_start : clip_start + job.frame_num]
+        threshold = job.step_cache_threshold
+        step_cache = StepCache(threshold, self._cache_coefficients(job)) if threshold else None
+        hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
+        text = conditions.clip_texts[clip_index]
+        latent = self._denoise_clip(job, clip, text, conditions, audio, step_cache, generator, hooks)
+        if step_cache is None:
+            return latent, 0, 0
+        return latent, step_cache.computed, step_cache.skipped
 
     def _job_conditions(self, prepared: PreparedJob, starts: list[int], frames_needed: int) -> _JobConditions:
         """What the clips of a job are conditioned on: the encoded prompts (a prompt schedule gives each clip the

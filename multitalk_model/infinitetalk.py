@@ -33,11 +33,9 @@ from .generation import (
     PreparedJob,
     Progress,
     _ClipCondition,
-    _StepHooks,
     _to_pixels,
     plan_clips,
 )
-from .guidance import StepCache
 from .jobs import GenerationJob
 from .media import MediaError, probe_media, read_video_frames
 from .regions import resize_and_center_crop
@@ -155,17 +153,12 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
         motion = _to_pixels(references[0])[:, None]  # the first clip's motion frame is its reference frame
         frames: list[np.ndarray] = []
         cache_computed = cache_skipped = 0
-        for clip_index, (clip_start, reference) in enumerate(zip(starts, references, strict=True)):
+        for clip_index, reference in enumerate(references):
             clip = self.encode_clip(reference, motion, job.frame_num)
-            audio = conditions.audio[:, :, clip_start : clip_start + job.frame_num]
-            step_cache = (
-                StepCache(job.step_cache_threshold, self._cache_coefficients(job)) if job.step_cache_threshold else None
+            latent, computed, skipped = self._sample_clip(
+                job, clip, clip_index, starts, conditions, generator, progress, cancelled
             )
-            hooks = _StepHooks(clip_index + 1, len(starts), job.steps, progress, cancelled)
-            text = conditions.clip_texts[clip_index]
-            latent = self._denoise_clip(job, clip, text, conditions, audio, step_cache, generator, hooks)
-            if step_cache is not None:
-                cache_computed, cache_skipped = cache_computed + step_cache.computed, cache_skipped + step_cache.skipped
+            cache_computed, cache_skipped = cache_computed + computed, cache_skipped + skipped
             # Colour-matched to prepared.image, the first clip's reference frame, in every clip (as the reference).
             clip_frames = self._decode_clip(latent, prepared)
             frames.append(clip_frames if clip_index == 0 else clip_frames[job.motion_frames :])
