@@ -31,10 +31,12 @@ from pydantic import Field
 
 from evaluation.clips import ModelSpec, Protocol, generate_clip, load_pipeline, score_clip
 from evaluation.report import evaluation_report
+from evaluation.set_metrics import NETWORK_FIELDS, set_metrics
 from evaluation.stats import BOOTSTRAP_SAMPLES, CONFIDENCE, bootstrap_difference, bootstrap_mean
 from evaluation.testset import TestClip, TestSetError, load_test_set, video_as_clip, videos_in
 from multitalk_model.generation import GenerationError
 from platform_common.config import ConfigError, ConfigSection, absolute_location, read_config
+from platform_common.pause import pause_point
 
 logger = logging.getLogger("evaluation.evaluate")
 
@@ -43,6 +45,7 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 RUN_FILE = "run.json"  # the protocol and models the output's videos were made with
 VIDEOS_DIR, SCORES_DIR, TEST_SET_DIR = "videos", "scores", "test_set"
+CLIP_WRITTEN_PAUSE = "evaluation-clip-written"  # a generator actor committed a clip's video (platform_common.pause)
 # Errors of a clip's inputs or video (bad media, a job generation refuses): recorded in its row, never fatal.
 CLIP_ERRORS = (ValueError, OSError, RuntimeError)
 
@@ -56,7 +59,14 @@ class GenerationResources(ConfigSection):
 
 class MetricsSettings(ConfigSection):
     syncnet_path: str | None = Field(default=None, description="SyncNet weights (syncnet_v2.model): Sync-C/D")
+    inception_path: str | None = Field(
+        default=None, description="Inception TorchScript (StyleGAN2-ADA inception-2015-12-05.pt): FID per model"
+    )
+    i3d_path: str | None = Field(
+        default=None, description="I3D TorchScript (StyleGAN-V i3d_torchscript.pt): FVD per model"
+    )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per scoring task")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per FID/FVD feature task (0: CPU)")
     primary: str = Field(default="sync.confidence", description="the metric clips are ordered by, worst first")
 
 
@@ -108,10 +118,12 @@ def load_config(path: str | os.PathLike | None, **overrides: str | None) -> Eval
             model.audio_weights = absolute_location(model.audio_weights)
             if not Path(model.audio_weights).is_file():
                 raise ConfigError(f"{path}: models.{index}.audio_weights: {model.audio_weights} is not a file")
-    if config.metrics.syncnet_path:
-        config.metrics.syncnet_path = absolute_location(config.metrics.syncnet_path)
-        if not Path(config.metrics.syncnet_path).is_file():
-            raise ConfigError(f"{path}: metrics.syncnet_path: {config.metrics.syncnet_path} is not a file")
+    for field in ("syncnet_path", *NETWORK_FIELDS.values()):  # weight files
+        if location := getattr(config.metrics, field):
+            location = absolute_location(location)
+            if not Path(location).is_file():
+                raise ConfigError(f"{path}: metrics.{field}: {location} is not a file")
+            setattr(config.metrics, field, location)
     return config
 
 
@@ -136,6 +148,8 @@ class ClipGenerator:
         except (GenerationError, *CLIP_ERRORS) as error:
             logger.warning("%s: cannot generate %s: %s", self.model.name, clip.clip_id, error)
             row["error"] = f"generation: {type(error).__name__}: {error}"
+        else:
+            pause_point(CLIP_WRITTEN_PAUSE)
         return row
 
 
@@ -167,7 +181,7 @@ class ClipScorer:
                 logger.warning("%s: cannot score %s: %s", row["model"], clip.clip_id, error)
                 record["error"] = f"metrics: {type(error).__name__}: {error}"
         _write_json(score_path(self.output, row["model"], clip.clip_id), record)
-        return {"model": row["model"], "clip_id": clip.clip_id}
+        return {"model": row["model"], "clip_id": clip.clip_id, "generated": record["generation_s"] is not None}
 
 
 def video_path(output: str | Path, model: str, clip_id: str) -> Path:
@@ -215,6 +229,7 @@ def run(config: EvaluationConfig, videos: list[str] = ()) -> dict:
         if system not in generated or path.stem in test_ids
     ]
     summary = summarize(records, systems, config)
+    summary["set_metrics"] = _set_metrics(config, clips, records, systems)
     summary["generated"] = generated
     _write_results(output, records, summary, config)
     logger.info("evaluated %s on %d clips; report in %s", ", ".join(systems), summary["clips"], output / REPORT_FILE)
@@ -222,7 +237,8 @@ def run(config: EvaluationConfig, videos: list[str] = ()) -> dict:
 
 
 def _evaluate_model(config: EvaluationConfig, model: ModelSpec, clips: list[TestClip]) -> list[str]:
-    """Generate the model's missing clips on an actor pool and score every unscored one; returns the ids generated."""
+    """Generate the model's missing clips on an actor pool and score every unscored one; returns the ids of the
+    clips this run generated."""
     output = config.output
     rows = [_row(model.name, clip, video_path(output, model.name, clip.clip_id)) for clip in clips]
     missing = [row for row in rows if not Path(row["video"]).is_file()]
@@ -246,8 +262,7 @@ def _evaluate_model(config: EvaluationConfig, model: ModelSpec, clips: list[Test
         datasets.append(dataset.map(ClipGenerator, fn_constructor_kwargs=constructor, compute=pool, **options))
     if unscored:
         datasets.append(ray.data.from_items(unscored, override_num_blocks=len(unscored)))
-    _score(datasets, config)
-    return [row["clip"]["clip_id"] for row in missing]
+    return sorted(row["clip_id"] for row in _score(datasets, config) if row["generated"])
 
 
 def _score_videos(config: EvaluationConfig, name: str, folder: str, clips: list[TestClip]) -> None:
@@ -269,14 +284,14 @@ def _scored(output: Path, row: dict) -> bool:
     return score_path(output, row["model"], row["clip"]["clip_id"]).is_file()
 
 
-def _score(datasets: list[ray.data.Dataset], config: EvaluationConfig) -> None:
-    """Runs the datasets' rows through the scorer (the generator's output streams into it clip by clip)."""
+def _score(datasets: list[ray.data.Dataset], config: EvaluationConfig) -> list[dict]:
+    """Runs the datasets' rows through the scorer (the generator's output streams into it clip by clip); returns
+    the scorer's rows."""
     if not datasets:
-        return
+        return []
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     scorer = ClipScorer(config.output, config.metrics.syncnet_path)
-    for _ in dataset.map(scorer, num_cpus=config.metrics.num_cpus).iter_rows():
-        pass
+    return list(dataset.map(scorer, num_cpus=config.metrics.num_cpus).iter_rows())
 
 
 def _check_run_record(output: Path, config: EvaluationConfig) -> None:
@@ -354,6 +369,17 @@ def summarize(records: list[dict], systems: list[str], config: EvaluationConfig)
         "differences": differences,
         "seconds": seconds,
     }
+
+
+def _set_metrics(config: EvaluationConfig, clips: list[TestClip], records: list[dict], systems: list[str]) -> dict:
+    """FID / FVD of each system's scored videos of clips with ground truth against all the clips' ground truth."""
+    videos = {
+        system: [r["video"] for r in records if r["model"] == system and r["ground_truth"] and r["metrics"]]
+        for system in systems
+    }
+    networks = {metric: getattr(config.metrics, field) for metric, field in NETWORK_FIELDS.items()}
+    ground_truths = [clip.ground_truth for clip in clips if clip.ground_truth]
+    return set_metrics(ground_truths, videos, networks, config.metrics.num_cpus, config.metrics.num_gpus)
 
 
 def _write_results(output: Path, records: list[dict], summary: dict, config: EvaluationConfig) -> None:

@@ -213,6 +213,21 @@ def worst_first(rows: list[dict], metric: str) -> list[str]:
     return sorted(worst, key=lambda key: worst[key])
 
 
+def _set_metrics_section(page: Page, results: dict, models: list[str]) -> None:
+    """FID / FVD per model, or why a model has none (a network not configured, no ground truth)."""
+    page.heading("Set-level metrics (lower is better)")
+    page.text(
+        f"Frechet distances of each model's videos to the {results['ground_truth_clips']} ground-truth clips, "
+        f"first {results['clip_frames']} frames of each: one number per model, no interval."
+    )
+    metrics = [metric for metric in ("fid", "fvd") if metric in results]
+    rows = [
+        [model, *(results[m]["values"].get(model, results[m]["missing"].get(model, "")) for m in metrics)]
+        for model in models
+    ]
+    page.table(["model", *(metric.upper() for metric in metrics)], rows)
+
+
 def evaluation_report(rows: list[dict], summary: dict, max_clips: int = 50) -> str:
     """report.html of an evaluation: `rows` are metrics.parquet's (one per clip and model), `summary` summary.json."""
     models = list(summary["models"])
@@ -236,6 +251,8 @@ def evaluation_report(rows: list[dict], summary: dict, max_clips: int = 50) -> s
         for model in models
     ]
     page.table(header, table)
+    if "set_metrics" in summary:
+        _set_metrics_section(page, summary["set_metrics"], models)
 
     if summary["differences"]:
         page.heading("Differences between models (B - A)")

@@ -10,6 +10,7 @@ The points:
     generator-step             serving: a replica reported a sampling step of the job it runs (serving/generator.py)
     curation-shard-committed   curation: the driver committed a shard (pipelines/sink.py)
     training-checkpoint-<step> training: a worker reported the checkpoint of optimizer step <step> (training/loop.py)
+    evaluation-clip-written    evaluation: a generator actor committed a generated clip's video (evaluation/evaluate.py)
 """
 
 from __future__ import annotations

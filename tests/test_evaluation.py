@@ -6,19 +6,24 @@ videos made elsewhere against their own audio. Curation's report is drawn with t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from evaluation.evaluate import (
+    CLIP_WRITTEN_PAUSE,
     METRICS_FILE,
     REPORT_FILE,
     SUMMARY_FILE,
@@ -26,10 +31,9 @@ from evaluation.evaluate import (
     load_config,
     main,
     run,
-    score_path,
-    video_path,
 )
 from evaluation.stats import better_direction, bootstrap_difference, bootstrap_mean
+from evaluation.testset import load_test_set
 from multitalk_model.checkpoints import audio_state_dict
 from multitalk_model.config import get_preset
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
@@ -41,6 +45,7 @@ from pipelines.schema import MANIFEST_FILE
 from pipelines.schema import REPORT_FILE as CURATION_REPORT
 from pipelines.schema import SUMMARY_FILE as CURATION_SUMMARY
 from pipelines.sink import TEST_DIR
+from tests.test_frechet import _TinyI3D, _TinyInception
 from training.config import EvaluationSettings, ModelConfig
 from training.config import load_config as load_training_config
 from training.data import _list_shards
@@ -57,13 +62,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TRAINING_CONFIG = REPO / "training" / "configs" / "tiny-cpu.yaml"
 HELD_OUT = "talking_woman_25fps.mp4"
 PROTOCOL = {"steps": 2, "frame_num": 5, "resolution": [32, 32], "text_guidance": 1.0, "audio_guidance": 2.0}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +87,26 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {name: build_tiny_model_dir(root / name, seed=seed) for name, seed in (("seed0", 0), ("seed1", 1))}
 
 
-def _write_config(path: Path, test_set: Path, output: Path, models: dict[str, Path]) -> Path:
+@pytest.fixture(scope="module")
+def feature_networks(tmp_path_factory) -> dict[str, str]:
+    """Random TorchScript stand-ins of the Inception (FID) and I3D (FVD) networks, as the metrics config names them."""
+    root = tmp_path_factory.mktemp("networks")
+    torch.manual_seed(0)
+    torch.jit.script(_TinyInception()).save(str(root / "inception.pt"))
+    torch.jit.script(_TinyI3D()).save(str(root / "i3d.pt"))
+    return {"inception_path": str(root / "inception.pt"), "i3d_path": str(root / "i3d.pt")}
+
+
+def _write_config(
+    path: Path, test_set: Path, output: Path, models: dict[str, Path], networks: dict[str, str] | None = None
+) -> Path:
     config = {
         "test_set": str(test_set),
         "output": str(output),
         "models": [{"name": name, "model_dir": str(directory)} for name, directory in models.items()],
         "protocol": PROTOCOL,
         "generation": {"num_actors": 1, "num_cpus": 1},
-        "metrics": {"num_cpus": 1},
+        "metrics": {"num_cpus": 1, **(networks or {})},
         "report": {"bootstrap_samples": 200},
     }
     path.write_text(yaml.safe_dump(config))
@@ -104,9 +114,9 @@ def _write_config(path: Path, test_set: Path, output: Path, models: dict[str, Pa
 
 
 @pytest.fixture(scope="module")
-def evaluated(curated, models, tmp_path_factory) -> tuple[Path, dict]:
+def evaluated(curated, models, feature_networks, tmp_path_factory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("evaluation")
-    config_path = _write_config(work / "eval.yaml", curated / TEST_DIR, work / "out", models)
+    config_path = _write_config(work / "eval.yaml", curated / TEST_DIR, work / "out", models, feature_networks)
     return config_path, run(load_config(config_path))
 
 
@@ -201,29 +211,78 @@ def test_evaluation_of_two_models_writes_a_row_per_clip_and_model_and_a_report_o
     assert report.count('alt="seed1"') == len(test_ids)
 
 
-def test_rerun_after_an_interruption_generates_only_the_missing_clips(evaluated):
+def test_fid_and_fvd_per_model_against_the_ground_truth_are_zero_for_the_ground_truth_itself(evaluated, tmp_path):
     config_path, summary = evaluated
     config = load_config(config_path)
-    clip_ids = summary["generated"]["seed1"]
-    lost = clip_ids[0]
-    # What a run killed while generating `lost` with seed1 leaves: no video and no score for it, a partial file.
-    video_path(config.output, "seed1", lost).unlink()
-    score_path(config.output, "seed1", lost).unlink()
-    partial = video_path(config.output, "seed1", lost).with_name(f".{lost}.partial.mp4")
-    partial.write_bytes(b"half a video")
-    kept = {
-        (model, key): video_path(config.output, model, key).stat().st_mtime_ns
-        for model in ("seed0", "seed1")
-        for key in clip_ids
-        if (model, key) != ("seed1", lost)
-    }
+    # The ground-truth videos, named by clip id, scored as one more system: its features are the ground truth's.
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for clip in load_test_set(config.test_set, tmp_path / "test_set"):
+        shutil.copy(clip.ground_truth, truth / f"{clip.clip_id}.mp4")
 
-    rerun = run(config)
+    rerun = run(config, [str(truth)])
 
-    assert rerun["generated"] == {"seed0": [], "seed1": [lost]}
-    assert all(video_path(config.output, m, k).stat().st_mtime_ns == mtime for (m, k), mtime in kept.items())
-    assert video_path(config.output, "seed1", lost).is_file() and not partial.exists()
-    assert rerun["models"]["seed1"]["clips"] == len(clip_ids)
+    assert rerun["generated"] == {"seed0": [], "seed1": []}
+    for results in (summary["set_metrics"], rerun["set_metrics"]):
+        assert results["ground_truth_clips"] == summary["clips"] and results["clip_frames"] == PROTOCOL["frame_num"]
+        for metric in ("fid", "fvd"):
+            values = results[metric]["values"]
+            assert values["seed0"] > 0 and values["seed1"] > 0 and values["seed0"] != values["seed1"]
+    for metric in ("fid", "fvd"):
+        values = rerun["set_metrics"][metric]["values"]
+        assert abs(values["truth"]) < 1e-3 * min(values["seed0"], values["seed1"])
+        assert values["seed0"] == summary["set_metrics"][metric]["values"]["seed0"]
+    report = (Path(config.output) / REPORT_FILE).read_text()
+    assert "Set-level metrics" in report and "<th>FID</th>" in report and "<th>FVD</th>" in report
+
+
+def test_killed_run_reruns_only_the_missing_clips_and_ends_with_every_clip_and_model_once(
+    local_ray, pause_gate, curated, models, tmp_path
+):
+    config_path = _write_config(tmp_path / "eval.yaml", curated / TEST_DIR, tmp_path / "out", models)
+    output = tmp_path / "out"
+    log = tmp_path / "first.log"
+    command = [sys.executable, str(REPO / "evaluation" / "evaluate.py"), "--config", str(config_path)]
+    # The job is held once its generator has committed its first clip (seed0's; the models run one after the
+    # other), and its driver killed there: Ray ends the job's actors with it.
+    pause_gate.hold(CLIP_WRITTEN_PAUSE)
+    process = subprocess.Popen(
+        command, env={**os.environ, "RAY_ADDRESS": local_ray}, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    try:
+        held = pause_gate.wait_reached(CLIP_WRITTEN_PAUSE, alive=lambda: process.poll() is None)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for pid in held:  # the held generator must be gone before the gate opens, or it would go on generating
+            try:
+                psutil.Process(pid).wait(timeout=120)
+            except psutil.NoSuchProcess:
+                pass
+    finally:
+        process.kill()
+        process.wait()
+        pause_gate.release(CLIP_WRITTEN_PAUSE)
+    written = {path: path.stat().st_ino for path in (output / "videos").rglob("*") if path.is_file()}
+    assert [path.parent.name for path in written] == ["seed0"], log.read_text()[-3000:]
+    assert not (output / METRICS_FILE).exists()
+
+    rerun = run(load_config(config_path))
+
+    clip_ids = sorted(clip.clip_id for clip in load_test_set(curated / TEST_DIR, tmp_path / "test_set"))
+    first = next(iter(written)).stem
+    # summary.json records what this run generated: everything but the killed run's clip.
+    assert json.loads((output / SUMMARY_FILE).read_text())["generated"] == rerun["generated"]
+    assert rerun["generated"] == {"seed0": [key for key in clip_ids if key != first], "seed1": clip_ids}
+    assert all(path.stat().st_ino == inode for path, inode in written.items())  # the killed run's clip is kept
+    rows = pq.read_table(output / METRICS_FILE).to_pylist()
+    assert sorted((row["model"], row["clip_id"]) for row in rows) == sorted(
+        (model, key) for model in ("seed0", "seed1") for key in clip_ids
+    )
+    assert all(np.isfinite(row["fidelity.psnr"]) for row in rows)
+    assert not [path for path in output.rglob(".*")]  # no partial video or record left behind
+    # Without feature networks configured, the summary says why there is no FID / FVD.
+    assert rerun["set_metrics"]["fid"]["values"] == {} and rerun["set_metrics"]["fvd"]["values"] == {}
+    assert "not configured (metrics.i3d_path" in rerun["set_metrics"]["fvd"]["missing"]["seed1"]
 
 
 def test_rerun_with_another_protocol_in_the_same_output_is_refused(evaluated, tmp_path):
