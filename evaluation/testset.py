@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from multitalk_model.media import read_video_frames
-from pipelines.schema import JSON_KEY, MANIFEST_FILE, MP4_KEY, ClipMetadata, person_audio_key
+from platform_common.samples import JSON_KEY, MANIFEST_FILE, MP4_KEY, ClipMetadata, person_audio_key
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 
