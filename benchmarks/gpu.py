@@ -13,6 +13,8 @@ and the next part goes on; a variant that does not fit the budget left is marked
   vae          encode and decode of one 81-frame 480p clip with the Wan2.1 VAE
   generation   the generation pipeline end to end with the tiny model directory, in bf16
   memory       whether a full 81-frame 480p clip fits on the card with the text encoder resident
+  evaluation   the evaluation job's per-clip work (generate a held-out clip, score it) with the 14B transformer at
+               480p under the fast profile: clips per minute and the generation vs metrics share
 The table comes last, as one block and as one JSON line; benchmarks/README.md explains each row and the targets.
 
 Weights are random (bf16, made on the device: nothing is downloaded or loaded). The script runs from a checkout
@@ -289,7 +291,7 @@ def gpu_sizes() -> Sizes:
         vae=WAN21_VAE,
         generation_frames=21,
         generation_steps=4,
-        budgets={"training": 40.0, "vae": 50.0, "generation": 45.0, "memory": 15.0},
+        budgets={"training": 40.0, "vae": 50.0, "generation": 45.0, "memory": 15.0, "evaluation": 60.0},
         grace_s=60.0,
     )
 
@@ -310,7 +312,7 @@ def tiny_sizes() -> Sizes:
         vae=WAN21_VAE | {"base_dim": 4},
         generation_frames=5,
         generation_steps=2,
-        budgets={"training": 120.0, "vae": 120.0, "generation": 180.0, "memory": 60.0},
+        budgets={"training": 120.0, "vae": 120.0, "generation": 180.0, "memory": 60.0, "evaluation": 180.0},
         grace_s=120.0,
     )
 
@@ -742,6 +744,117 @@ def memory_part(part: Part, rows: dict[str, Row]) -> None:
     part.measure("memory/full_clip_with_text_encoder", run)
 
 
+def evaluation_part(part: Part, sizes: Sizes, clips: int = 2) -> None:
+    """The evaluation job's work per clip, as its generator actors and scoring tasks do it (evaluation/clips.py):
+    `clips` held-out talking clips generated under the fast profile (text guidance 1, audio guidance 2, shift 2,
+    the generation part's steps and frames; 480p on a GPU) and scored against their ground truth. The transformer
+    is the benchmark's config with random weights and the VAE Wan2.1's; the other encoders have the real widths but
+    2 layers, so umT5-XXL's prompt and CLIP's image encoding are not in the figure, nor the Ray stages around these
+    calls (benchmarks/evaluation.py measures the whole job on CPU). Random weights draw no face, so the metrics
+    stop after the face search: a trained model's clips cost the metrics more."""
+    row_id = "evaluation/clips_per_minute"
+    part.plan(row_id)
+    metric_packages = ("cv2", "skimage", "scipy", "facenet_pytorch")  # facenet-pytorch: the MTCNN weights
+    missing = [name for name in metric_packages if importlib.util.find_spec(name) is None]
+    if missing:  # not in the GPU wheelhouse; the image may lack them
+        part.record(row_id, "skipped", note=f"the metrics need {', '.join(missing)} (the evaluation extra)")
+        return
+    import torch
+    from diffusers import AutoencoderKLWan
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+        Wav2Vec2Config,
+        Wav2Vec2Model,
+    )
+
+    from evaluation.clips import Protocol, generate_clip, score_clip
+    from evaluation.testset import load_test_set
+    from multitalk_model.components import load_components
+    from multitalk_model.config import get_preset
+    from multitalk_model.fixtures.corpus import write_held_out_clips
+    from multitalk_model.fixtures.random_model import random_transformer
+    from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
+    from multitalk_model.generation import MultiTalkPipeline
+    from multitalk_model.wav2vec import Wav2VecEncoder
+
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    config = get_preset(sizes.preset)
+    protocol = Protocol(
+        steps=sizes.generation_steps,
+        text_guidance=1.0,
+        audio_guidance=2.0,
+        shift=2.0,
+        size="480p",
+        resolution=None if on_gpu else (sizes.height, sizes.width),
+        frame_num=sizes.generation_frames,
+        seed=0,
+    )
+
+    def pipeline(model_dir: Path) -> MultiTalkPipeline:
+        """The tiny directory's tokenizer, processors and scheduler around random components of the config."""
+        tiny = load_components(model_dir, "cpu", torch.float32)
+        torch.manual_seed(0)
+        text = UMT5Config(
+            vocab_size=len(tiny.tokenizer), d_model=config.text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", pad_token_id=tiny.tokenizer.pad_token_id,
+            eos_token_id=tiny.tokenizer.eos_token_id, decoder_start_token_id=tiny.tokenizer.pad_token_id,
+        )  # fmt: skip
+        image = CLIPVisionConfig(**CLIP_VIT_H14 | {"hidden_size": config.image_dim, "num_hidden_layers": 2})
+        audio = Wav2Vec2Config(
+            hidden_size=config.audio_channels, num_hidden_layers=config.audio_layers, num_attention_heads=2,
+            intermediate_size=64, feat_extract_norm="group", do_stable_layer_norm=False, mask_time_prob=0.0,
+        )  # fmt: skip
+        components = dataclasses.replace(
+            tiny,
+            transformer=random_transformer(config, device, dtype),
+            text_encoder=UMT5EncoderModel(text).to(device, dtype).eval(),
+            image_encoder=CLIPVisionModel(image).to(device).eval(),
+            audio_encoder=Wav2VecEncoder(Wav2Vec2Model(audio).to(device), tiny.audio_encoder.feature_extractor),
+            vae=AutoencoderKLWan(**sizes.vae).to(device).eval(),
+            config=config,
+        )
+        return MultiTalkPipeline(components, device=device)
+
+    def run() -> dict[str, Any]:
+        reset_peak()
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
+            seconds = sizes.generation_frames / 25 + 0.2
+            test_set = load_test_set(write_held_out_clips(scratch / "held_out", clips, seconds), scratch / "clips")
+            started = time.perf_counter()
+            model = pipeline(build_tiny_model_dir(scratch / "model"))
+            build_s = time.perf_counter() - started
+            generation, metrics = [], []
+            for clip in test_set:
+                video = scratch / "videos" / f"{clip.clip_id}.mp4"
+                generation.append(generate_clip(model, clip, protocol, video))
+                metrics.append(score_clip(video, clip)[2])
+        generation_s, metrics_s = sum(generation), sum(metrics)
+        total_s = generation_s + metrics_s
+        values = {
+            "clips": len(generation),
+            "clips_per_minute": len(generation) / total_s * 60,
+            "generation_share": generation_s / total_s,
+            "metrics_share": metrics_s / total_s,
+            "generation_s": generation,
+            "metrics_s": metrics,
+            "build_s": build_s,
+        }
+        note = (
+            f"{values['clips_per_minute']:.2f} clips/min; generation {values['generation_share']:.1%}, metrics "
+            f"{values['metrics_share']:.1%} of {total_s:.1f} s for {len(generation)} clips ({sizes.preset}, "
+            f"{sizes.generation_frames} frames, {sizes.generation_steps} steps x 2 passes, "
+            f"{'480p' if on_gpu else f'{sizes.height}x{sizes.width}'}; the first clip warms up)"
+        )
+        return {"seconds": total_s / len(generation), "peak_gib": peak_gib(), "note": note, "values": values}
+
+    part.measure(row_id, run)
+
+
 def summarise(rows: dict[str, Row]) -> None:
     """The ratios between rows: our steps against the plain Wan step, the VAE's share of a generation."""
     for row in rows.values():
@@ -865,6 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         "vae": lambda part: vae_part(part, sizes),
         "generation": lambda part: generation_part(part, sizes),
         "memory": lambda part: memory_part(part, rows),
+        "evaluation": lambda part: evaluation_part(part, sizes),
     }
     for name, body in parts.items():
         run_part(name, min(sizes.budgets[name], time_limit - elapsed()), body, rows, sizes.grace_s)

@@ -21,6 +21,7 @@ packages=(
   av soundfile cffi pycparser pyloudnorm            # media and audio (media.py, audio.py)
   pydantic pydantic_core annotated-types typing-inspection  # the job schema (jobs.py)
   typing_extensions                                 # newer than the image's, as pydantic needs (backward compatible)
+  facenet-pytorch                                   # the MTCNN weights the evaluation row's metrics look for faces with
 )
 # Optional: the quantised rows. Not a project dependency yet: constraints.txt pins it once the platform uses it.
 optional=(torchao==0.18.0)

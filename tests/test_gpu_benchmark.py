@@ -33,6 +33,7 @@ OTHER_ROWS = [
     "vae/decode",
     "generation/tiny_end_to_end",
     "memory/full_clip_with_text_encoder",
+    "evaluation/clips_per_minute",
 ]
 
 
@@ -81,6 +82,11 @@ def test_tiny_mode_figures_are_the_measured_ones(tiny_run):
     assert training["values"]["tokens_per_s"] == pytest.approx(training["values"]["tokens"] / training["seconds"])
     assert rows["generation/tiny_end_to_end"]["values"]["frames"] == 5
     assert 0 < rows["vae/decode"]["values"]["generation_share"] < 1
+    evaluation = rows["evaluation/clips_per_minute"]["values"]
+    total_s = sum(evaluation["generation_s"]) + sum(evaluation["metrics_s"])
+    assert evaluation["clips"] == 2 and evaluation["clips_per_minute"] == pytest.approx(2 / total_s * 60)
+    assert evaluation["generation_share"] == pytest.approx(sum(evaluation["generation_s"]) / total_s)
+    assert 0 < evaluation["metrics_share"] < 1
     weights = rows["memory/full_clip_with_text_encoder"]["values"]
     assert 30 < weights["transformer_gib"] < 40 and 10 < weights["umT5-XXL_gib"] < 11  # the released sizes
 
