@@ -3,7 +3,8 @@
 a cluster.
 
 Every model generates every test clip under one protocol (a Ray Data stage on an actor pool, one pool per model),
-then each video is scored against its clip's ground truth, audio and first frame (a stage of tasks). `--videos DIR`
+then each video is scored against its clip's ground truth, audio and first frame (a stage of tasks); FID and FVD
+compare each model's set of videos with the ground truth (evaluation/set_metrics.py). `--videos DIR`
 adds the videos of a folder made elsewhere (named by clip id) as one more system, scored the same way; without a
 test set each is scored against its own audio track. The output folder holds videos/MODEL/CLIP.mp4,
 scores/MODEL/CLIP.json, metrics.parquet (one row per clip and model), summary.json and report.html. Rerunning the
