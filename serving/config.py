@@ -150,6 +150,10 @@ class ServingConfig(BaseModel):
         default="none",
         description="group: diffusers block-level group offloading of the transformer, the text encoder on the CPU.",
     )
+    text_encoder_on_cpu: bool = Field(
+        default=False,
+        description="umT5 encodes the prompts on the CPU: its weights (11 GB for umT5-XXL) never take device memory.",
+    )
     compile: bool | None = Field(
         default=None,
         description="Regional torch.compile of the transformer blocks; None = on for one cuda device per replica.",
@@ -245,6 +249,7 @@ class ServingConfig(BaseModel):
             quantization=self.quantization,
             offload=self.offload,
             parallel=self.parallel_mode,
+            text_encoder_on_cpu=self.text_encoder_on_cpu,
         )
         return plan(
             options,

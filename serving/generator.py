@@ -86,6 +86,7 @@ def pipeline_options(config: ServingConfig) -> dict[str, Any]:
         if config.compile is not None
         else config.device == "cuda" and config.devices_per_replica == 1,
         "attention_backend": config.attention_backend,
+        "text_encoder_on_cpu": config.text_encoder_on_cpu,
     }
 
 

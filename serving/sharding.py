@@ -27,10 +27,12 @@ from multitalk_model.components import MultiTalkComponents
 from multitalk_model.transformer import MultiTalkTransformer3DModel
 
 
-def shard_weights(components: MultiTalkComponents, mesh: DeviceMesh) -> None:
-    """Shards the transformer blocks and the text encoder over `mesh` in place; shards move to the mesh's device."""
+def shard_weights(components: MultiTalkComponents, mesh: DeviceMesh, text_encoder: bool = True) -> None:
+    """Shards the transformer blocks and (unless `text_encoder` is False: one kept whole on the CPU) the text encoder
+    over `mesh` in place; shards move to the mesh's device."""
     shard_transformer(components.transformer, mesh)
-    shard_text_encoder(components.text_encoder, mesh)
+    if text_encoder:
+        shard_text_encoder(components.text_encoder, mesh)
 
 
 def shard_transformer(transformer: MultiTalkTransformer3DModel, mesh: DeviceMesh) -> None:
