@@ -8,7 +8,7 @@ the tensors one block keeps alive at its widest point for the batch of guidance 
 widest feature map. Options:
 
 - sharding: FSDP2 over the K devices (serving/sharding.py): the blocks and umT5 hold 1/K each, plus two gathered
-  blocks (the running one and the next, prefetched);
+  blocks (the running one and the next, prefetched); not with quantization (FSDP2 cannot split torchao's tensors);
 - quantization: int8 / fp8 linear weights of the blocks (the audio branch and norms stay in the model dtype);
 - offload: diffusers' block-level group offloading: only the root and two blocks of the transformer on the device;
   umT5 and the other encoders come to the device only while they encode, before the blocks run, so they do not
@@ -145,6 +145,8 @@ def plan(
         raise ValueError(f"resolution must be one of {sorted(RESOLUTIONS)}, got {resolution!r}")
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}")
+    if options.sharding and options.quantization != "none":
+        raise ValueError(f"{options.describe()}: FSDP2 cannot shard torchao's quantised weights (serving/sharding.py)")
     width = _BYTES[dtype]
     weight_width = {"none": width, "int8": 1, "fp8": 1}[options.quantization]
     tw = _transformer_weights(config)
@@ -191,8 +193,11 @@ def all_options(gpus: int, quantizations: tuple[Quantization, ...] = ("none", "i
         for sharding, quantization, offload, parallel, text_encoder_on_cpu in itertools.product(
             shardings, quantizations, ("none", "group"), parallels, (False, True)
         )
-        # Offloading a shard of the blocks gains nothing; offload already takes umT5 off the device for sampling.
-        if not (sharding and offload == "group") and not (offload == "group" and text_encoder_on_cpu)
+        # Offloading a shard of the blocks gains nothing; offload already takes umT5 off the device for sampling;
+        # FSDP2 cannot shard torchao's quantised weights (serving/sharding.py).
+        if not (sharding and offload == "group")
+        and not (offload == "group" and text_encoder_on_cpu)
+        and not (sharding and quantization != "none")
     ]
 
 

@@ -227,6 +227,12 @@ class ServingConfig(BaseModel):
     def _options_fit(self) -> ServingConfig:
         if self.quantization == "fp8" and self.device != "cuda":
             raise ValueError("quantization: fp8 needs a GPU (device: cuda); int8 runs on cpu too")
+        if self.quantization != "none" and self.shard_weights:
+            # serving/sharding.py says why: torchao's quantised tensors cannot be split into FSDP2 shards.
+            raise ValueError(
+                f"quantization: {self.quantization} and shard_weights do not combine (FSDP2 cannot shard torchao's "
+                "quantised weights); shard bf16 weights over more devices, or quantise an unsharded replica"
+            )
         if self.offload == "group" and self.shard_weights:
             raise ValueError("offload: group and shard_weights do not combine (a sharded replica offloads nothing)")
         if self.gpu_memory is not None:

@@ -37,6 +37,17 @@ def shard_weights(components: MultiTalkComponents, mesh: DeviceMesh, text_encode
 
 def shard_transformer(transformer: MultiTalkTransformer3DModel, mesh: DeviceMesh) -> None:
     """One FSDP2 unit per block; the root's few weights stay whole (see the module docstring)."""
+    quantised = [(name, param) for name, param in transformer.blocks.named_parameters() if _is_quantised(param)]
+    if quantised:
+        name, param = quantised[0]
+        # torchao 0.18's Int8Tensor implements neither aten.split (FSDP2 chunks a weight into shards with it:
+        # "Int8Tensor dispatch: attempting to run unimplemented operator/function: func=aten.split.Tensor") nor
+        # the DTensor it would have to become when quantised after sharding ("'Int8Tensor' object has no
+        # attribute '_local_tensor'"); tests/test_sharding_options.py holds both to it.
+        raise ValueError(
+            f"FSDP2 cannot shard torchao-quantised weights (blocks.{name}: {type(param.data).__name__}): "
+            "quantization and shard_weights do not combine"
+        )
     for block in transformer.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
 
@@ -46,6 +57,12 @@ def shard_text_encoder(text_encoder: UMT5EncoderModel, mesh: DeviceMesh) -> None
     for block in text_encoder.encoder.block:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(text_encoder, mesh=mesh, reshard_after_forward=True)
+
+
+def _is_quantised(param: torch.Tensor) -> bool:
+    """A torchao tensor subclass (int8 / fp8 weights) rather than a plain tensor."""
+    data = param.data if isinstance(param, torch.nn.Parameter) else param
+    return type(data).__module__.startswith("torchao")
 
 
 def local_parameter_bytes(module: torch.nn.Module) -> int:
