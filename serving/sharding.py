@@ -48,6 +48,9 @@ def shard_transformer(transformer: MultiTalkTransformer3DModel, mesh: DeviceMesh
             f"FSDP2 cannot shard torchao-quantised weights (blocks.{name}: {type(param.data).__name__}): "
             "quantization and shard_weights do not combine"
         )
+    # Inference only. FSDP2 wants one dtype across the trainable parameters of a unit, and a bf16 model keeps its
+    # norms, time embedding and modulation in fp32 (checkpoints.key_keeps_fp32): frozen, the mix is allowed.
+    transformer.requires_grad_(False)
     for block in transformer.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
 

@@ -8,10 +8,11 @@ blocks when it is built, then the rank shards the weights and applies its parall
 import pytest
 import torch
 import torch.distributed as dist
-from test_parallel import RANKS, join_group, make_inputs, run_on_ranks, tiny_transformer
+from test_parallel import RANKS, TINY, join_group, make_inputs, run_on_ranks, tiny_transformer
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from multitalk_model.fixtures.random_model import random_transformer
 from multitalk_model.quantization import quantize_transformer
 from serving.parallel import apply_guidance_parallel, apply_sequence_parallel
 from serving.sharding import shard_transformer
@@ -59,6 +60,20 @@ def one_rank_mesh(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
+
+
+@torch.no_grad()
+def test_a_bf16_model_with_its_fp32_norms_shards(one_rank_mesh):
+    # As loaded in bf16: the norms, time embedding and modulation stay fp32 (FSDP2 refuses mixed dtypes in a unit
+    # unless the parameters are frozen, which inference sharding does).
+    model = random_transformer(TINY, "cpu", dtype=torch.bfloat16)
+    inputs = {
+        key: value.to(torch.bfloat16) if value is not None and value.is_floating_point() else value
+        for key, value in make_inputs((3, 4, 4), persons=1, streams=[1]).items()
+    }
+    expected = model(**inputs).sample
+    shard_transformer(model, one_rank_mesh)
+    torch.testing.assert_close(model(**inputs).sample, expected, rtol=0, atol=0)
 
 
 def test_int8_weights_cannot_be_sharded_and_the_sharding_says_so(one_rank_mesh):
