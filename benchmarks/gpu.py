@@ -7,15 +7,20 @@ Parts, each in its own guarded section with its own time budget (a part that fai
 and the next part goes on; a variant that does not fit the budget left is marked skipped):
   transformer  the 480p two-person denoising step of the 14B transformer (3 guidance passes batched) against the
                plain diffusers WanTransformer3DModel step on the same weights, per attention backend, with and
-               without torch.compile of the blocks, quantised through torchao; the one-person step; the share of
-               the person localisation
+               without torch.compile of the blocks, quantised through torchao (int8; fp8 on cards of compute
+               8.9+), with diffusers' block-level group offloading; the one-person step; the share of the person
+               localisation
+  fsdp         the two-person step with the blocks sharded by FSDP2 over every GPU present (one process each),
+               alone and with sequence parallel (one GPU: the rows say they need two)
   training     a training step of a 4-block slice of the 14B config (benchmarks/training.py --gpu-slice)
   vae          encode and decode of one 81-frame 480p clip with the Wan2.1 VAE
   generation   the generation pipeline end to end with the tiny model directory, in bf16
   memory       whether a full 81-frame 480p clip fits on the card with the text encoder resident
   evaluation   the evaluation job's per-clip work (generate a held-out clip, score it) with the 14B transformer at
                480p under the fast profile: clips per minute and the generation vs metrics share
-The table comes last, as one block and as one JSON line; benchmarks/README.md explains each row and the targets.
+The rows of the options (compile, int8, fp8, group offload, FSDP) give their s/step and peak memory as ratios to the
+bf16 eager two-person step of the same run. The table comes last, as one block and as one JSON line;
+benchmarks/README.md explains each row and the targets.
 
 Weights are random (bf16, made on the device: nothing is downloaded or loaded). The script runs from a checkout
 without installing the project: a bare machine needs only Python, torch and the wheelhouse that
@@ -291,7 +296,7 @@ def gpu_sizes() -> Sizes:
         vae=WAN21_VAE,
         generation_frames=21,
         generation_steps=4,
-        budgets={"training": 40.0, "vae": 50.0, "generation": 45.0, "memory": 15.0, "evaluation": 60.0},
+        budgets={"fsdp": 90.0, "training": 40.0, "vae": 50.0, "generation": 45.0, "memory": 15.0, "evaluation": 60.0},
         grace_s=60.0,
     )
 
@@ -312,7 +317,14 @@ def tiny_sizes() -> Sizes:
         vae=WAN21_VAE | {"base_dim": 4},
         generation_frames=5,
         generation_steps=2,
-        budgets={"training": 120.0, "vae": 120.0, "generation": 180.0, "memory": 60.0, "evaluation": 180.0},
+        budgets={
+            "fsdp": 180.0,
+            "training": 120.0,
+            "vae": 120.0,
+            "generation": 180.0,
+            "memory": 60.0,
+            "evaluation": 180.0,
+        },
         grace_s=120.0,
     )
 
@@ -438,27 +450,22 @@ def transformer_part(part: Part, sizes: Sizes, peak_tflops: float | None, contex
         return f"torch.compile ({sizes.compile_backend}) of each block"
 
     def quantise(scheme: str) -> str:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            Int8WeightOnlyConfig,
-            PerRow,
-            quantize_,
-        )
+        from multitalk_model.quantization import quantize_transformer
 
         models["dirty"] = True
         del models["plain"]  # it shares the bf16 weights: they are freed only once both models let go
-        scheme_config = (
-            Int8WeightOnlyConfig()
-            if scheme == "int8_weight_only"
-            else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-        )
+        # What generation ships: the Wan linears of every block; the audio branch and the norms stay bf16.
+        quantize_transformer(models["ours"], {"int8_weight_only": "int8", "fp8_e4m3": "fp8"}[scheme])
+        return f"torchao {scheme} of the Wan linears of every block (multitalk_model.quantization)"
 
-        # The Wan linears of every block; the audio attention stays bf16 (its one-person path reads its weights).
-        def wan_linear(module: torch.nn.Module, name: str) -> bool:
-            return isinstance(module, torch.nn.Linear) and name.startswith("blocks.") and ".attn_audio." not in name
+    def offload_blocks() -> str:
+        from multitalk_model.offload import offload_transformer_blocks
 
-        quantize_(models["ours"], scheme_config, filter_fn=wan_linear)
-        return f"torchao {scheme} of the Wan linears of every block"
+        models["dirty"] = True
+        del models["plain"]  # it shares the blocks' weights, which move to the CPU
+        offload_transformer_blocks(models["ours"], device)
+        streams = "on a CUDA side stream" if device.type == "cuda" else "no streams on a CPU"
+        return f"diffusers block-level group offloading, one block per group, {streams} (multitalk_model.offload)"
 
     def step_row(kind: str, backend: str, variant: str, repeats: int) -> Row:
         row_id = f"{kind}/{backend}/{variant}"
@@ -467,7 +474,8 @@ def transformer_part(part: Part, sizes: Sizes, peak_tflops: float | None, contex
             clean_model()
             for model in (models["ours"], models["plain"]):
                 model.set_attention_backend(backend)
-            how = compile_blocks(kind) if variant == "compiled" else quantise(variant) if variant != "eager" else ""
+            variants = {"eager": lambda: "", "compiled": lambda: compile_blocks(kind), "group_offload": offload_blocks}
+            how = variants.get(variant, lambda: quantise(variant))()
             reset_peak()
             with torch.no_grad():
                 first_s, step_s, output = timed_steps(step(kind), sizes.warmups, repeats)
@@ -536,6 +544,7 @@ def transformer_part(part: Part, sizes: Sizes, peak_tflops: float | None, contex
         "two_person/native/compiled",
         "plain_wan/native/compiled",
         *(f"two_person/native/{scheme}" for scheme in quantised),
+        "two_person/native/group_offload",
     )
 
     # In priority order: the headline rows first, what the budget may drop last.
@@ -555,9 +564,120 @@ def transformer_part(part: Part, sizes: Sizes, peak_tflops: float | None, contex
             part.record(f"two_person/native/{scheme}", "skipped", note="fp8 matmuls need a GPU of compute 8.9+")
         else:
             step_row("two_person", "native", scheme, 1)
+    step_row("two_person", "native", "group_offload", 1)
     for backend in backends[2:]:
         step_row("two_person", backend, "eager", 1)
         step_row("plain_wan", backend, "eager", 1)
+
+
+FSDP_ROWS = ("two_person/native/fsdp", "two_person/native/fsdp_sequence_parallel")
+
+
+def fsdp_part(part: Part, sizes: Sizes) -> None:
+    """The two-person step with the blocks' weights sharded by FSDP2 over every GPU present (one process per GPU,
+    NCCL), then with sequence parallel on top (serving/sharding.py, serving/parallel.py). --tiny: 2 CPU processes
+    on gloo. Each row: s/step and the largest peak of the ranks; summarise() adds the ratios to the bf16 step."""
+    import torch
+    import torch.multiprocessing as mp
+
+    part.plan(*FSDP_ROWS)
+    ranks = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    if ranks < 2:
+        for row_id in FSDP_ROWS:
+            part.record(row_id, "skipped", note=f"{ranks} GPU present: FSDP row needs >=2")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "fsdp.json"
+        port = _free_port()
+        processes = mp.spawn(_fsdp_rank, args=(ranks, port, sizes, str(out)), nprocs=ranks, join=False)
+        try:
+            while not processes.join():  # raises the first rank's error
+                pass
+        finally:  # the part's hard limit (or a failed rank) leaves no rank behind
+            for process in processes.processes:
+                if process.is_alive():
+                    process.terminate()
+        measured = json.loads(out.read_text())
+    for row_id in FSDP_ROWS:
+        result = measured[row_id]
+        weights = f"each rank holds {result['rank_weight_gib']:.3g} of {result['whole_weight_gib']:.3g} GiB weights"
+        note = f"{ranks} {'GPUs' if torch.cuda.is_available() else 'CPU processes'}, {weights}"
+        values = {key: result[key] for key in ("first_call_s", "ranks", "rank_weight_gib", "whole_weight_gib")}
+        part.record(row_id, seconds=result["seconds"], peak_gib=result["peak_gib"], note=note, values=values)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _fsdp_rank(rank: int, ranks: int, port: int, sizes: Sizes, out: str) -> None:
+    """One rank of fsdp_part: the seeded random model (the same weights on every rank), sharded, timed."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from multitalk_model.config import get_preset
+    from multitalk_model.fixtures.random_model import random_transformer
+    from multitalk_model.guidance import GuidanceScales, GuidedDenoiser
+    from serving.parallel import apply_sequence_parallel
+    from serving.sharding import local_parameter_bytes, shard_transformer
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=ranks)
+    config, (t, h, w) = get_preset(sizes.preset), sizes.latent
+    generator = torch.Generator(device).manual_seed(0)
+
+    def noise(*dims: int) -> torch.Tensor:
+        return torch.randn(*dims, generator=generator, device=device, dtype=torch.bfloat16)
+
+    masks = torch.zeros(1, 3, h, w, device=device)  # two persons side by side and the background, as in the step rows
+    masks[0, 0, 1:, 1 : w // 2 - 1] = 1
+    masks[0, 1, 1:, w // 2 + 1 : -1] = 1
+    masks[0, 2] = 1 - masks[0, 0] - masks[0, 1]
+    text, negative_text = noise(1, config.text_len, config.text_dim), noise(1, config.text_len, config.text_dim)
+    image, latent = noise(1, 257, config.image_dim), noise(1, config.in_channels, t, h, w)
+    audio = noise(1, 2, sizes.frames, config.audio_window, config.audio_layers, config.audio_channels)
+    timestep = torch.tensor(700.0, device=device)
+
+    model = random_transformer(config, device)
+    whole = local_parameter_bytes(model)
+    shard_transformer(model, init_device_mesh(device.type, (ranks,)))
+    free_memory()
+    denoiser = GuidedDenoiser(model, GuidanceScales(text=5.0, audio=4.0), text, negative_text, image, audio, masks)
+    results = {}
+    for row_id in FSDP_ROWS:
+        if row_id.endswith("sequence_parallel"):
+            apply_sequence_parallel(model)
+        reset_peak()
+        with torch.no_grad():
+            first_s, step_s, _ = timed_steps(lambda: denoiser(latent, timestep), sizes.warmups, sizes.repeats)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        results[row_id] = {"seconds": step_s, "first_call_s": first_s, "peak_gib": peak}
+    results["rank_weight_gib"] = local_parameter_bytes(model) / 2**30
+    gathered = [None] * ranks
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        measured = {
+            row_id: {
+                "seconds": max(rank_results[row_id]["seconds"] for rank_results in gathered),
+                "first_call_s": max(rank_results[row_id]["first_call_s"] for rank_results in gathered),
+                "peak_gib": None if not cuda else max(rank_results[row_id]["peak_gib"] for rank_results in gathered),
+                "ranks": ranks,
+                "rank_weight_gib": max(rank_results["rank_weight_gib"] for rank_results in gathered),
+                "whole_weight_gib": whole / 2**30,
+            }
+            for row_id in FSDP_ROWS
+        }
+        Path(out).write_text(json.dumps(measured))
+    dist.destroy_process_group()
 
 
 def training_part(part: Part, sizes: Sizes, peak_tflops: float | None) -> None:
@@ -873,6 +993,32 @@ def summarise(rows: dict[str, Row]) -> None:
         decode.note = f"encode + decode {share:.1%} of a 40-step two-person clip; {decode.note}"
 
 
+# The rows of the memory and speed options, each against the bf16 eager two-person step of the same run.
+OPTION_ROWS = (
+    "two_person/native/compiled",
+    "two_person/native/int8_weight_only",
+    "two_person/native/fp8_e4m3",
+    "two_person/native/group_offload",
+    *FSDP_ROWS,
+)
+
+
+def summarise_options(rows: dict[str, Row]) -> None:
+    """Each option row's s/step and peak memory as ratios to the bf16 eager two-person step."""
+    baseline = rows.get("two_person/native/eager")
+    if not (baseline and baseline.status == "ok"):
+        return
+    for row in (rows[row_id] for row_id in OPTION_ROWS if row_id in rows):
+        if row.status != "ok":
+            continue
+        ratios = [f"{row.seconds / baseline.seconds:.3f}x the bf16 step time"]
+        row.values["vs_bf16_eager"] = row.seconds / baseline.seconds
+        if row.peak_gib is not None and baseline.peak_gib:
+            row.values["peak_vs_bf16_eager"] = row.peak_gib / baseline.peak_gib
+            ratios.append(f"{row.values['peak_vs_bf16_eager']:.3f}x its peak memory")
+        row.note = f"{', '.join(ratios)}; {row.note}"
+
+
 def _cell(value: float | None, text: str) -> str:
     return "" if value is None else text.format(value)
 
@@ -974,6 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes.grace_s,
     )
     parts = {
+        "fsdp": lambda part: fsdp_part(part, sizes),
         "training": lambda part: training_part(part, sizes, peak_tflops),
         "vae": lambda part: vae_part(part, sizes),
         "generation": lambda part: generation_part(part, sizes),
@@ -983,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, body in parts.items():
         run_part(name, min(sizes.budgets[name], time_limit - elapsed()), body, rows, sizes.grace_s)
     summarise(rows)
+    summarise_options(rows)
 
     header = environment(site, context["attention_backends"])
     header |= {"peak_tflops": peak_tflops, "total_s": elapsed(), "startup_s": startup_s, "tiny": args.tiny}

@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="group-offload the transformer's blocks (diffusers), keep the other components on the CPU until they run",
     )
     parser.add_argument(
+        "--text-encoder-on-cpu",
+        action="store_true",
+        help="encode the prompts with umT5 on the CPU: its weights never take device memory (the reference's --t5_cpu)",
+    )
+    parser.add_argument(
         "--quantization", choices=["none", "int8", "fp8"], default="none", help="torchao weights of the blocks"
     )
     parser.add_argument(
@@ -135,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(job, args)
 
 
-def _generate(job: GenerationJob, args: argparse.Namespace) -> int:
+def load_pipeline(args: argparse.Namespace) -> MultiTalkPipeline:
+    """The pipeline the command line asks for: model directory, device, dtype, LoRAs and memory options."""
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    pipeline = MultiTalkPipeline.from_model_dir(
+    return MultiTalkPipeline.from_model_dir(
         args.model_dir,
         device=args.device,
         dtype=getattr(torch, dtype_name),
@@ -146,7 +152,12 @@ def _generate(job: GenerationJob, args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         quantization=args.quantization,
         compile_blocks=str(args.device).startswith("cuda") if args.compile is None else args.compile,
+        text_encoder_on_cpu=args.text_encoder_on_cpu,
     )
+
+
+def _generate(job: GenerationJob, args: argparse.Namespace) -> int:
+    pipeline = load_pipeline(args)
     bar = tqdm(total=None, unit="step")
 
     def show(progress: Progress) -> None:

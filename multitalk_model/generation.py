@@ -174,15 +174,21 @@ class MultiTalkPipeline:
         attention_backend: str | None = None,
         quantization: Quantization = "none",
         compile_blocks: bool = False,
+        text_encoder_on_cpu: bool = False,
     ) -> None:
         """low_memory keeps the transformer's blocks on the CPU, each onloaded while it runs (diffusers' group
         offloading), and every other component on the CPU, moved to `device` only while it runs. quantization:
         torchao int8 / fp8 weights of the blocks' linear layers (quantization.py). compile_blocks: regional
         torch.compile, each block compiled once for all (`compile_repeated_blocks`). attention_backend: a diffusers
-        attention dispatcher backend (flash, sage, native, ...)."""
+        attention dispatcher backend (flash, sage, native, ...). text_encoder_on_cpu: umT5 stays on the CPU and
+        encodes the prompts there (the reference's --t5_cpu): its weights (11 GB for umT5-XXL) never take device
+        memory, the prompt states move to `device`."""
         self.components = components
         self.device = torch.device(device)
         self.low_memory = low_memory
+        self.text_encoder_on_cpu = text_encoder_on_cpu
+        if text_encoder_on_cpu:
+            components.text_encoder.to("cpu")
         self._face_detector = face_detector
         transformer = components.transformer
         quantize_transformer(transformer, quantization)
@@ -206,7 +212,10 @@ class MultiTalkPipeline:
     ) -> MultiTalkPipeline:
         """Loads a model directory (see components.py) into the pipeline of its family; LoRAs are merged."""
         low_memory = kwargs.get("low_memory", False)
-        components = load_components(model_dir, device="cpu" if low_memory else device, dtype=dtype)
+        text_encoder_device = "cpu" if kwargs.get("text_encoder_on_cpu", False) else None
+        components = load_components(
+            model_dir, device="cpu" if low_memory else device, dtype=dtype, text_encoder_device=text_encoder_device
+        )
         for path, scale in loras:
             merge_lora(components.transformer, path, scale)
         from .infinitetalk import InfiniteTalkPipeline  # its module builds on this one
@@ -517,8 +526,9 @@ class MultiTalkPipeline:
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
         """In low-memory mode, moves a component to the device for the duration of its work, then back (the
-        transformer's blocks move by themselves)."""
-        if not self.low_memory or module is self.components.transformer:
+        transformer's blocks move by themselves; a text encoder kept on the CPU stays there)."""
+        kept_on_cpu = self.text_encoder_on_cpu and module is self.components.text_encoder
+        if not self.low_memory or module is self.components.transformer or kept_on_cpu:
             yield
             return
         module.to(self.device)

@@ -8,12 +8,14 @@ the tensors one block keeps alive at its widest point for the batch of guidance 
 widest feature map. Options:
 
 - sharding: FSDP2 over the K devices (serving/sharding.py): the blocks and umT5 hold 1/K each, plus two gathered
-  blocks (the running one and the next, prefetched);
+  blocks (the running one and the next, prefetched); not with quantization (FSDP2 cannot split torchao's tensors);
 - quantization: int8 / fp8 linear weights of the blocks (the audio branch and norms stay in the model dtype);
 - offload: diffusers' block-level group offloading: only the root and two blocks of the transformer on the device;
   umT5 and the other encoders come to the device only while they encode, before the blocks run, so they do not
   add to the sampling peak;
-- parallel: sequence parallel (each device 1/K of the tokens) or guidance parallel (each device 1/K of the passes).
+- parallel: sequence parallel (each device 1/K of the tokens) or guidance parallel (each device 1/K of the passes);
+- text encoder on the CPU: umT5 encodes the prompts on the CPU, its weights never on the device (with offload it
+  already leaves the device before the blocks run, so the option is listed without offload only).
 
 The figures are estimates for planning (what fits in which fleet), not measurements; a margin is kept for the CUDA
 context, the allocator's fragmentation and the kernels' workspaces.
@@ -70,11 +72,12 @@ class Options:
     quantization: Quantization = "none"
     offload: Offload = "none"
     parallel: Parallel = "sequence"
+    text_encoder_on_cpu: bool = False
 
     def describe(self) -> str:
         return (
             f"{'fsdp' if self.sharding else 'replicated'}, {self.quantization}, offload {self.offload}, "
-            f"{self.parallel} parallel"
+            f"{self.parallel} parallel" + (", umT5 on cpu" if self.text_encoder_on_cpu else "")
         )
 
 
@@ -142,6 +145,8 @@ def plan(
         raise ValueError(f"resolution must be one of {sorted(RESOLUTIONS)}, got {resolution!r}")
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}")
+    if options.sharding and options.quantization != "none":
+        raise ValueError(f"{options.describe()}: FSDP2 cannot shard torchao's quantised weights (serving/sharding.py)")
     width = _BYTES[dtype]
     weight_width = {"none": width, "int8": 1, "fp8": 1}[options.quantization]
     tw = _transformer_weights(config)
@@ -155,7 +160,7 @@ def plan(
     else:
         gathered = 2 * block if options.sharding and gpus > 1 else 0
         transformer = tw.root * width + tw.blocks * block // shards + gathered
-        text_encoder = umt5 * width // shards
+        text_encoder = 0 if options.text_encoder_on_cpu else umt5 * width // shards
     others = (clip + _VAE_PARAMS + _WAV2VEC2_BASE_PARAMS) * 4  # float32, as the reference runs them
     weights = transformer + text_encoder + others
 
@@ -184,21 +189,25 @@ def all_options(gpus: int, quantizations: tuple[Quantization, ...] = ("none", "i
     shardings = (False, True) if gpus > 1 else (False,)
     parallels: tuple[Parallel, ...] = ("sequence", "guidance") if gpus > 1 else ("sequence",)
     return [
-        Options(sharding, quantization, offload, parallel)
-        for sharding, quantization, offload, parallel in itertools.product(
-            shardings, quantizations, ("none", "group"), parallels
+        Options(sharding, quantization, offload, parallel, text_encoder_on_cpu)
+        for sharding, quantization, offload, parallel, text_encoder_on_cpu in itertools.product(
+            shardings, quantizations, ("none", "group"), parallels, (False, True)
         )
-        if not (sharding and offload == "group")  # offloading a shard of the blocks gains nothing
+        # Offloading a shard of the blocks gains nothing; offload already takes umT5 off the device for sampling;
+        # FSDP2 cannot shard torchao's quantised weights (serving/sharding.py).
+        if not (sharding and offload == "group")
+        and not (offload == "group" and text_encoder_on_cpu)
+        and not (sharding and quantization != "none")
     ]
 
 
 def format_plans(plans: list[DevicePlan]) -> str:
-    rows = [f"{'option':<52} {'weights':>9} {'activ.':>9} {'peak':>9}  fits in {plans[0].capacity / GiB:.1f} GiB"]
+    rows = [f"{'option':<64} {'weights':>9} {'activ.':>9} {'peak':>9}  fits in {plans[0].capacity / GiB:.1f} GiB"]
     for entry in plans:
         gib = lambda n: f"{n / GiB:8.1f}G"  # noqa: E731 - one column's format
         verdict = "yes" if entry.fits else "no"
         rows.append(
-            f"{entry.options.describe():<52} {gib(entry.weights)} {gib(entry.activations)} {gib(entry.peak)}  {verdict}"
+            f"{entry.options.describe():<64} {gib(entry.weights)} {gib(entry.activations)} {gib(entry.peak)}  {verdict}"
         )
     return "\n".join(rows)
 

@@ -7,6 +7,18 @@ Only the linear layers of the blocks that MultiTalk shares with Wan are quantise
 cross-attention and its norm) and every norm, embedding and the output head stay in the model's dtype, so the part
 that carries lip sync keeps its precision and the trainable parameters stay plain tensors. The quality guard in
 tests/test_quantization.py holds the tiny model's int8 output within 2% (relative L2) of its float32 output.
+
+Why `quantize_` after loading rather than diffusers' `TorchAoConfig` at loading: with diffusers 0.42.1 and
+torchao 0.18, `MultiTalkTransformer3DModel.from_pretrained(transformer_dir, quantization_config=TorchAoConfig(
+Int8WeightOnlyConfig(), modules_to_not_convert=[the 20 non-block and audio linears]))` does load a model in our own
+layout (components.py form 1) with exactly the linears `quantizable` picks as Int8Tensor (tried on the tiny model;
+it also forces the other layers to bfloat16 unless torch_dtype is given). It does not fit our loading, though:
+- the released models come in forms 2 and 3 (diffusers or original-format Wan weights, keys converted, plus the
+  audio weights from a second file, multitalk.safetensors), which `checkpoints.load_weights` assembles and
+  `from_pretrained` cannot read;
+- LoRAs (a distillation LoRA, a job's LoRAs) merge into the plain weights after loading and before quantising;
+  quantised at load, they would have to merge into int8 weights.
+So one path quantises every form, after the LoRAs: `quantize_` with the same filter.
 """
 
 from __future__ import annotations

@@ -150,6 +150,10 @@ class ServingConfig(BaseModel):
         default="none",
         description="group: diffusers block-level group offloading of the transformer, the text encoder on the CPU.",
     )
+    text_encoder_on_cpu: bool = Field(
+        default=False,
+        description="umT5 encodes the prompts on the CPU: its weights (11 GB for umT5-XXL) never take device memory.",
+    )
     compile: bool | None = Field(
         default=None,
         description="Regional torch.compile of the transformer blocks; None = on for one cuda device per replica.",
@@ -223,6 +227,12 @@ class ServingConfig(BaseModel):
     def _options_fit(self) -> ServingConfig:
         if self.quantization == "fp8" and self.device != "cuda":
             raise ValueError("quantization: fp8 needs a GPU (device: cuda); int8 runs on cpu too")
+        if self.quantization != "none" and self.shard_weights:
+            # serving/sharding.py says why: torchao's quantised tensors cannot be split into FSDP2 shards.
+            raise ValueError(
+                f"quantization: {self.quantization} and shard_weights do not combine (FSDP2 cannot shard torchao's "
+                "quantised weights); shard bf16 weights over more devices, or quantise an unsharded replica"
+            )
         if self.offload == "group" and self.shard_weights:
             raise ValueError("offload: group and shard_weights do not combine (a sharded replica offloads nothing)")
         if self.gpu_memory is not None:
@@ -245,6 +255,7 @@ class ServingConfig(BaseModel):
             quantization=self.quantization,
             offload=self.offload,
             parallel=self.parallel_mode,
+            text_encoder_on_cpu=self.text_encoder_on_cpu,
         )
         return plan(
             options,

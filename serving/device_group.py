@@ -109,7 +109,8 @@ class _GenerationRank:
         )
         if self.shard:
             components = self.pipeline.components
-            shard_weights(components, init_device_mesh(self.device.type, (self.world_size,)))
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            shard_weights(components, mesh, text_encoder=not self.pipeline.text_encoder_on_cpu)
             # The shards now sit on the mesh's device; the unsharded rest follows them there.
             for module in (components.transformer, components.vae, components.image_encoder):
                 module.to(self.device)

@@ -81,11 +81,13 @@ def pipeline_options(config: ServingConfig) -> dict[str, Any]:
         "dtype": getattr(torch, config.dtype),
         "low_memory": config.offload == "group",
         "quantization": config.quantization,
-        # Off by default in device groups: their collectives run inside the blocks, untested under compile.
+        # Off by default in device groups: compiled blocks with FSDP2 and the parallel collectives inside are
+        # tested on CPU ranks with Dynamo's capture (tests/test_sharding_options.py), not yet with inductor + NCCL.
         "compile_blocks": config.compile
         if config.compile is not None
         else config.device == "cuda" and config.devices_per_replica == 1,
         "attention_backend": config.attention_backend,
+        "text_encoder_on_cpu": config.text_encoder_on_cpu,
     }
 
 

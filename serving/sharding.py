@@ -27,14 +27,30 @@ from multitalk_model.components import MultiTalkComponents
 from multitalk_model.transformer import MultiTalkTransformer3DModel
 
 
-def shard_weights(components: MultiTalkComponents, mesh: DeviceMesh) -> None:
-    """Shards the transformer blocks and the text encoder over `mesh` in place; shards move to the mesh's device."""
+def shard_weights(components: MultiTalkComponents, mesh: DeviceMesh, text_encoder: bool = True) -> None:
+    """Shards the transformer blocks and (unless `text_encoder` is False: one kept whole on the CPU) the text encoder
+    over `mesh` in place; shards move to the mesh's device."""
     shard_transformer(components.transformer, mesh)
-    shard_text_encoder(components.text_encoder, mesh)
+    if text_encoder:
+        shard_text_encoder(components.text_encoder, mesh)
 
 
 def shard_transformer(transformer: MultiTalkTransformer3DModel, mesh: DeviceMesh) -> None:
     """One FSDP2 unit per block; the root's few weights stay whole (see the module docstring)."""
+    quantised = [(name, param) for name, param in transformer.blocks.named_parameters() if _is_quantised(param)]
+    if quantised:
+        name, param = quantised[0]
+        # torchao 0.18's Int8Tensor implements neither aten.split (FSDP2 chunks a weight into shards with it:
+        # "Int8Tensor dispatch: attempting to run unimplemented operator/function: func=aten.split.Tensor") nor
+        # the DTensor it would have to become when quantised after sharding ("'Int8Tensor' object has no
+        # attribute '_local_tensor'"); tests/test_sharding_options.py holds both to it.
+        raise ValueError(
+            f"FSDP2 cannot shard torchao-quantised weights (blocks.{name}: {type(param.data).__name__}): "
+            "quantization and shard_weights do not combine"
+        )
+    # Inference only. FSDP2 wants one dtype across the trainable parameters of a unit, and a bf16 model keeps its
+    # norms, time embedding and modulation in fp32 (checkpoints.key_keeps_fp32): frozen, the mix is allowed.
+    transformer.requires_grad_(False)
     for block in transformer.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
 
@@ -44,6 +60,12 @@ def shard_text_encoder(text_encoder: UMT5EncoderModel, mesh: DeviceMesh) -> None
     for block in text_encoder.encoder.block:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(text_encoder, mesh=mesh, reshard_after_forward=True)
+
+
+def _is_quantised(param: torch.Tensor) -> bool:
+    """A torchao tensor subclass (int8 / fp8 weights) rather than a plain tensor."""
+    data = param.data if isinstance(param, torch.nn.Parameter) else param
+    return type(data).__module__.startswith("torchao")
 
 
 def local_parameter_bytes(module: torch.nn.Module) -> int:

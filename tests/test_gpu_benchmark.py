@@ -27,6 +27,8 @@ STEP_ROWS = [
     "plain_wan/native/compiled",
 ]
 QUANTISED_ROWS = ["two_person/native/int8_weight_only", "two_person/native/fp8_e4m3"]
+OFFLOAD_ROWS = ["two_person/native/group_offload"]
+FSDP_ROWS = ["two_person/native/fsdp", "two_person/native/fsdp_sequence_parallel"]  # 2 CPU processes on gloo
 OTHER_ROWS = [
     "training/slice_step",
     "vae/encode",
@@ -49,7 +51,8 @@ def test_tiny_mode_measures_every_row_without_an_error(tiny_run):
     done, report = tiny_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {row["id"]: row for row in report["rows"]}
-    assert list(rows) == STEP_ROWS + QUANTISED_ROWS + OTHER_ROWS  # the table's order: steps, then part by part
+    # The table's order: steps, then part by part.
+    assert list(rows) == STEP_ROWS + QUANTISED_ROWS + OFFLOAD_ROWS + FSDP_ROWS + OTHER_ROWS
     errors = {row_id: row["note"] for row_id, row in rows.items() if row["status"] != "ok"}
     expected = {"two_person/native/fp8_e4m3"}  # fp8 matmuls need a GPU
     if importlib.util.find_spec("torchao") is None:
@@ -76,6 +79,14 @@ def test_tiny_mode_figures_are_the_measured_ones(tiny_run):
     # The compiled blocks and the other backend compute the same step as the native eager one.
     assert rows["plain_wan/native/compiled"]["values"]["max_rel_diff_vs_native_eager"] < 1e-2
     assert rows["plain_wan/_native_math/eager"]["values"]["max_rel_diff_vs_native_eager"] < 5e-2
+    # Every option row against the bf16 eager step of the same run (no peak memory on a CPU).
+    baseline = rows["two_person/native/eager"]["seconds"]
+    for row_id in ["two_person/native/compiled", "two_person/native/int8_weight_only", *OFFLOAD_ROWS, *FSDP_ROWS]:
+        assert rows[row_id]["values"]["vs_bf16_eager"] == pytest.approx(rows[row_id]["seconds"] / baseline), row_id
+        assert "x the bf16 step time" in rows[row_id]["note"]
+    for row_id in FSDP_ROWS:
+        values = rows[row_id]["values"]
+        assert values["ranks"] == 2 and values["rank_weight_gib"] < values["whole_weight_gib"]  # the blocks halved
     share = rows["localisation_share/native/eager"]["values"]
     assert 0 < share["flop_share"] < 1 and share["time_share"] > 0
     training = rows["training/slice_step"]
