@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from multitalk_model.checkpoints import build_model, load_weights
@@ -30,7 +31,7 @@ from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from tests.helpers import PauseGate
 from tests.test_multinode_training import _corpus_clips
 from tests.test_training_ray import _curate, _registered, _sample_log, _write_config
-from training.config import DataConfig
+from training.config import DataConfig, TrainingConfig
 from training.data import ClipStream, CursorTracker, split_shards
 
 pytestmark = pytest.mark.slow
@@ -201,3 +202,16 @@ def test_the_exported_audio_weights_load(run, tiny_model_dir):
 
     assert any(block.attn_audio.to_out.weight.any() for block in model.blocks)
     assert all(torch.isfinite(tensor).all() for tensor in load_file(exported).values())
+
+
+def test_a_shrunken_group_keeps_the_global_batch_and_bad_ranges_are_refused():
+    base = {"model": {"preset": "tiny"}, "deepspeed": {"zero_stage": 2}, "schedule": {"global_batch_size": 64}}
+    config = TrainingConfig.model_validate({**base, "cluster": {"num_workers": 64, "min_workers": 24}})
+
+    assert (config.accumulation_steps(64), config.step_batch_size(64)) == (1, 64)
+    assert (config.accumulation_steps(32), config.step_batch_size(32)) == (2, 64)
+    assert (config.accumulation_steps(24), config.step_batch_size(24)) == (3, 72)  # rounded up, never fewer
+    with pytest.raises(ValidationError, match="cluster.min_workers 65 exceeds"):
+        TrainingConfig.model_validate({**base, "cluster": {"num_workers": 64, "min_workers": 65}})
+    with pytest.raises(ValidationError, match="ZeRO 1 or 2"):
+        TrainingConfig.model_validate({**base, "cluster": {"min_workers": 8}, "deepspeed": {"zero_stage": 3}})
