@@ -75,9 +75,9 @@ def plain_step_times(config_path: Path, data: Path, steps: int, warmup: int) -> 
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        for _ in range(config.accumulation_steps):
+        for _ in range(config.accumulation_steps(1)):
             inputs = model_inputs(next(batches), encoders, config.objective, generator, cpu, torch.float32)
-            (velocity_loss(model, inputs, config.objective, generator) / config.accumulation_steps).backward()
+            (velocity_loss(model, inputs, config.objective, generator) / config.accumulation_steps(1)).backward()
         torch.nn.utils.clip_grad_norm_(params, config.optimizer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

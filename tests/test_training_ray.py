@@ -171,7 +171,7 @@ def test_a_resumed_stream_trains_the_rest_of_its_epoch_exactly_once(corpus):
         tracker.advance(next(batches))
     saved = json.loads(json.dumps(tracker.state_dict()))  # as it travels in a checkpoint
 
-    resumed = _epoch_keys(iter(stream(CursorTracker.from_state_dict(saved, 1).streams)), epoch=0)
+    resumed = _epoch_keys(iter(stream(CursorTracker.resume([saved], 1, range(1)).streams)), epoch=0)
 
     trained = sorted(tracker.streams[0][AI2V].keys)
     assert len(trained) == 3 and len(uninterrupted) > 3

@@ -5,7 +5,9 @@ optimizer state and the learning-rate scheduler; frozen weights are excluded), o
 random generators and data cursor) and the run's config. Every worker writes its part into a local folder and
 reports it; Ray Train merges the parts into one directory in the run's storage. After a worker dies the worker
 group restarts (FailureConfig) and `restore` loads the latest reported checkpoint; rerunning a finished or killed
-run with the same name and output does the same.
+run with the same name and output does the same. An elastic worker group (`cluster.min_workers`) may restart with
+fewer or more workers than wrote the checkpoint: DeepSpeed cannot split ZeRO's optimizer state anew, so such a
+resume loads the exact fp32 weights, the step and the learning-rate schedule, and AdamW's moments start afresh.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import ray.train
 import torch
 from deepspeed import DeepSpeedEngine
+from deepspeed.utils import safe_set_full_fp32_param
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from training.config import TrainingConfig
@@ -45,19 +48,27 @@ def save_and_report(
         )
 
 
-def restore(engine: DeepSpeedEngine) -> tuple[int, dict] | None:
-    """Loads the latest reported checkpoint into the engine; returns (step, this worker's state), None if none."""
+def restore(engine: DeepSpeedEngine) -> tuple[int, list[dict]] | None:
+    """Loads the latest reported checkpoint into the engine; returns (step, every worker's state of the checkpoint in
+    rank order), None if there is none."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    rank = ray.train.get_context().get_world_rank()
     with checkpoint.as_directory() as directory:
+        states = [torch.load(path, weights_only=True) for path in sorted(Path(directory).glob("rank*.pt"))]
+        resized = len(states) != ray.train.get_context().get_world_size()
         # The checkpoint holds no frozen weights: they stay as loaded from the base model.
-        path, client_state = engine.load_checkpoint(directory, tag=TAG, load_module_strict=False)
+        path, client_state = engine.load_checkpoint(
+            directory, tag=TAG, load_module_strict=False, load_optimizer_states=not resized
+        )
         if path is None:
             raise RuntimeError(f"{directory}: DeepSpeed could not load the checkpoint tagged {TAG!r}")
-        rank_state = torch.load(Path(directory) / _rank_file(rank), weights_only=True)
-    return client_state["step"], rank_state
+        if resized:  # the bf16 weights DeepSpeed loaded lack the fp32 master weights' precision
+            weights = trainable_state_dict(directory)
+            for name, param in engine.module.named_parameters():
+                if param.requires_grad:
+                    safe_set_full_fp32_param(param, weights[name])
+    return client_state["step"], states
 
 
 def trainable_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

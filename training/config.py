@@ -126,6 +126,12 @@ class ScheduleConfig(ConfigSection):
 class ClusterConfig(ConfigSection):
     run_name: str = Field(default="multitalk-train", description="Ray Train run name; rerunning it resumes")
     num_workers: int = Field(default=64, ge=1, description="training workers (one per GPU)")
+    min_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="fewest workers the run may shrink to when nodes are gone (elastic; none: always num_workers); "
+        "the global batch stays, each worker accumulates more micro-batches",
+    )
     use_gpu: bool = Field(default=True, description="one GPU per worker")
     cpus_per_worker: float = Field(default=8, gt=0, description="CPUs per worker (its loader processes run there)")
     worker_resources: dict[str, float] = Field(
@@ -182,6 +188,12 @@ class TrainingConfig(ConfigSection):
                 f"schedule.global_batch_size {self.schedule.global_batch_size} is not a multiple of "
                 f"micro_batch_size x num_workers = {per_step}"
             )
+        if self.cluster.min_workers is not None and self.cluster.min_workers > self.cluster.num_workers:
+            raise ValueError(
+                f"cluster.min_workers {self.cluster.min_workers} exceeds cluster.num_workers {self.cluster.num_workers}"
+            )
+        if self.cluster.min_workers is not None and self.deepspeed.zero_stage == 3:
+            raise ValueError("cluster.min_workers: a resized run reloads ZeRO 1 or 2 checkpoints only (not stage 3)")
         if self.evaluation.test_set and self.deepspeed.zero_stage == 3:
             raise ValueError("evaluation.test_set: periodic evaluation needs whole weights on rank 0 (ZeRO 1 or 2)")
         return self
@@ -195,10 +207,15 @@ class TrainingConfig(ConfigSection):
             )
         return self
 
-    @property
-    def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step on each worker."""
-        return self.schedule.global_batch_size // (self.schedule.micro_batch_size * self.cluster.num_workers)
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of `world_size` workers: the global batch over the workers,
+        rounded up when a shrunken worker group does not divide it."""
+        return -(-self.schedule.global_batch_size // (self.schedule.micro_batch_size * world_size))
+
+    def step_batch_size(self, world_size: int) -> int:
+        """Samples per optimizer step on `world_size` workers: the global batch, or the few more of a rounded-up
+        accumulation."""
+        return self.accumulation_steps(world_size) * self.schedule.micro_batch_size * world_size
 
 
 def load_config(

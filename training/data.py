@@ -10,6 +10,12 @@ windows, person regions from the metadata) and grouped into batches of one resol
 The data cursor is, per stream and source, the epoch of the latest trained sample and the clip ids trained in it.
 A resumed stream replays that epoch without those clips, so no clip is trained twice within an epoch; clips of an
 older epoch still waiting in a resolution bucket at the checkpoint are not replayed.
+
+When the run resumes with another number of streams (an elastic worker group that shrank or grew, other loader
+processes), the shards split differently: the cursors of all the old streams become one `StreamSplit`, which says
+how many times each clip was trained (its old stream's epoch, one more if it was trained in it). A new stream starts
+at the least of those epochs and trains a clip in epoch e only if it was trained fewer than e + 1 times, so every clip
+is still trained exactly once per epoch across the resize. Splits stay in the cursor until every stream is past them.
 """
 
 from __future__ import annotations
@@ -99,6 +105,15 @@ def split_shards(shards: list[str], stream: int, num_streams: int) -> list[Shard
     return [ShardPart(shards[shard], every=sharing, offset=stream // len(shards))]
 
 
+def stream_of_sample(shards: list[str], url: str, index: int, num_streams: int) -> int:
+    """The stream that split_shards gives sample `index` of shard `url` to."""
+    shard = shards.index(url)
+    if len(shards) >= num_streams:
+        return shard % num_streams
+    sharing = len(range(shard, num_streams, len(shards)))
+    return shard + index % sharing * len(shards)
+
+
 def _training_size(height: int, width: int, max_area: int | None) -> tuple[int, int]:
     """The (height, width) a clip trains at: scaled down to max_area if larger, sides multiples of 16."""
     scale = min(1.0, math.sqrt(max_area / (height * width))) if max_area else 1.0
@@ -135,6 +150,33 @@ class _Clip:
     source: str
     metadata: ClipMetadata
     members: dict[str, bytes]
+    url: str  # its shard
+    index: int  # its place in the shard
+
+
+@dataclass
+class StreamSplit:
+    """The data cursors of all streams of an earlier split of the corpus (before a resize): how often each clip was
+    trained. A stream without a cursor trained nothing."""
+
+    num_streams: int
+    streams: dict[int, dict[str, SourceCursor]]
+
+    def times_trained(self, clip: _Clip, shards: list[str]) -> int:
+        stream = stream_of_sample(shards, clip.url, clip.index, self.num_streams)
+        cursor = self.streams.get(stream, {}).get(clip.source, SourceCursor())
+        return cursor.epoch + (clip.key in cursor.keys)
+
+    def least_trained(self, source: str) -> int:
+        """Times every clip of the source was trained at least."""
+        return min(self.streams.get(stream, {}).get(source, SourceCursor()).epoch for stream in range(self.num_streams))
+
+    def most_trained(self) -> int:
+        """Times a clip of any source was trained at most."""
+        return max(
+            (c.epoch + bool(c.keys) for sources in self.streams.values() for c in sources.values()),
+            default=0,
+        )
 
 
 class ClipStream(IterableDataset):
@@ -157,6 +199,7 @@ class ClipStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.cursor = cursor or {}
+        self.earlier: list[StreamSplit] = []  # splits before resizes (CursorTracker.earlier)
         self.shards = {AI2V: _list_shards(config.path, config.ai2v_kinds)}
         if not self.shards[AI2V]:
             raise FileNotFoundError(f"{config.path}: no shards of kinds {config.ai2v_kinds} (data.ai2v_kinds)")
@@ -171,9 +214,15 @@ class ClipStream(IterableDataset):
     def num_streams(self) -> int:
         return self.world_size * max(1, self.config.num_workers)
 
+    @property
+    def own_streams(self) -> range:
+        """The streams of this training worker, one per loader process."""
+        per_worker = max(1, self.config.num_workers)
+        return range(self.rank * per_worker, (self.rank + 1) * per_worker)
+
     def __iter__(self) -> Iterator[ClipBatch]:
         info = get_worker_info()
-        stream = self.rank * max(1, self.config.num_workers) + (info.id if info else 0)
+        stream = self.own_streams[info.id if info else 0]
         sources = {
             source: self._source_clips(source, stream, self.cursor.get(stream, {}).get(source, SourceCursor()))
             for source in self.shards
@@ -199,27 +248,37 @@ class ClipStream(IterableDataset):
 
     def _source_clips(self, source: str, stream: int, cursor: SourceCursor) -> Iterator[_Clip]:
         """This stream's usable clips of one source, epoch after epoch from the cursor's, shuffled."""
-        parts = split_shards(self.shards[source], stream, self.num_streams)
-        for epoch in count(cursor.epoch):
-            skip = cursor.keys if epoch == cursor.epoch else set()
+        shards = self.shards[source]
+        parts = split_shards(shards, stream, self.num_streams)
+        start = max([cursor.epoch, *(split.least_trained(source) for split in self.earlier)])
+        for epoch in count(start):
+            trained = cursor.keys if epoch == cursor.epoch else set()
             rng = random.Random(f"{self.seed}:{source}:{stream}:{epoch}")
             order = rng.sample(parts, len(parts))
-            yielded = False
-            for clip in _shuffle_buffer(self._read(order, source, epoch, skip), self.config.shuffle_buffer, rng):
-                yielded = True
-                yield clip
-            if not yielded and not skip:
+            usable = 0
+
+            def due(clip: _Clip, epoch: int = epoch, trained: set[str] = trained) -> bool:
+                """Whether the clip is still to train in this epoch (trained fewer than epoch + 1 times)."""
+                nonlocal usable
+                usable += 1
+                return clip.key not in trained and all(
+                    split.times_trained(clip, shards) <= epoch for split in self.earlier
+                )
+
+            clips = (clip for clip in self._read(order, source, epoch) if due(clip))
+            yield from _shuffle_buffer(clips, self.config.shuffle_buffer, rng)
+            if not usable:
                 raise RuntimeError(
                     f"stream {stream} of {self.num_streams} has no usable {source} clips in {self.config.path} "
                     f"(clips of at least {self.config.num_frames} frames with audio for AI2V)"
                 )
 
-    def _read(self, parts: list[ShardPart], source: str, epoch: int, skip: set[str]) -> Iterator[_Clip]:
+    def _read(self, parts: list[ShardPart], source: str, epoch: int) -> Iterator[_Clip]:
         for part in parts:
             samples = wds.WebDataset(part.url, shardshuffle=False, nodesplitter=None, workersplitter=None)
             for index, members in enumerate(samples):
                 key = members["__key__"]
-                if index % part.every != part.offset or key in skip:
+                if index % part.every != part.offset:
                     continue
                 try:
                     metadata = ClipMetadata.model_validate_json(members[JSON_KEY])
@@ -227,7 +286,7 @@ class ClipStream(IterableDataset):
                     logger.warning("skipping clip %s of %s: bad metadata (%s)", key, part.url, error)
                     continue
                 if self._usable(metadata, members, source):
-                    yield _Clip(key, epoch, source, metadata, members)
+                    yield _Clip(key, epoch, source, metadata, members, part.url, index)
 
     def _usable(self, metadata: ClipMetadata, members: dict, source: str) -> bool:
         if metadata.num_frames < self.config.num_frames or MP4_KEY not in members:
@@ -321,9 +380,15 @@ def _person_regions(face_boxes: list[Box], first_frame: np.ndarray) -> list[Box]
 class CursorTracker:
     """The data cursor of one training worker, advanced by the batches it trains on."""
 
-    def __init__(self, num_streams: int, streams: dict[int, dict[str, SourceCursor]] | None = None) -> None:
+    def __init__(
+        self,
+        num_streams: int,
+        streams: dict[int, dict[str, SourceCursor]] | None = None,
+        earlier: list[StreamSplit] | None = None,
+    ) -> None:
         self.num_streams = num_streams
         self.streams = streams or {}
+        self.earlier = earlier or []
 
     def advance(self, batch: ClipBatch) -> None:
         """Records the clips of a trained batch."""
@@ -336,27 +401,43 @@ class CursorTracker:
                 cursor.keys.add(key)
 
     def state_dict(self) -> dict:
-        streams = {
-            str(stream): {source: {"epoch": c.epoch, "keys": sorted(c.keys)} for source, c in sources.items()}
-            for stream, sources in self.streams.items()
+        return {
+            "num_streams": self.num_streams,
+            "streams": _streams_state(self.streams),
+            "earlier": [{"num_streams": s.num_streams, "streams": _streams_state(s.streams)} for s in self.earlier],
         }
-        return {"num_streams": self.num_streams, "streams": streams}
 
     @classmethod
-    def from_state_dict(cls, state: dict, num_streams: int) -> CursorTracker:
-        """The saved cursor, or a fresh one when the streams were split differently (other world or loader size)."""
-        if state["num_streams"] != num_streams:
-            logger.warning(
-                "the data cursor was saved for %d streams, this run has %d: the data order starts afresh",
-                state["num_streams"],
-                num_streams,
-            )
-            return cls(num_streams)
-        streams = {
-            int(stream): {source: SourceCursor(c["epoch"], set(c["keys"])) for source, c in sources.items()}
-            for stream, sources in state["streams"].items()
-        }
-        return cls(num_streams, streams)
+    def resume(cls, states: list[dict], num_streams: int, own_streams: range) -> CursorTracker:
+        """This worker's cursor from the saved cursors of all workers of the checkpoint.
+
+        With the same number of streams each stream continues its own cursor. After a resize the old streams'
+        cursors together become one more earlier split (earlier splits every old stream is past are dropped)."""
+        earlier = [
+            StreamSplit(split["num_streams"], _streams_from_state(split["streams"]))
+            for split in states[0].get("earlier", [])
+        ]
+        saved = {stream: c for state in states for stream, c in _streams_from_state(state["streams"]).items()}
+        if states[0]["num_streams"] == num_streams:
+            return cls(num_streams, {stream: saved[stream] for stream in own_streams if stream in saved}, earlier)
+        logger.info("the data cursor was saved for %d streams, this run has %d", states[0]["num_streams"], num_streams)
+        resized = StreamSplit(states[0]["num_streams"], saved)
+        least = min((resized.least_trained(source) for sources in saved.values() for source in sources), default=0)
+        return cls(num_streams, {}, [*(s for s in earlier if s.most_trained() > least), resized])
+
+
+def _streams_state(streams: dict[int, dict[str, SourceCursor]]) -> dict:
+    return {
+        str(stream): {source: {"epoch": c.epoch, "keys": sorted(c.keys)} for source, c in sources.items()}
+        for stream, sources in streams.items()
+    }
+
+
+def _streams_from_state(state: dict) -> dict[int, dict[str, SourceCursor]]:
+    return {
+        int(stream): {source: SourceCursor(c["epoch"], set(c["keys"])) for source, c in sources.items()}
+        for stream, sources in state.items()
+    }
 
 
 def build_loader(dataset: ClipStream, config: DataConfig) -> DataLoader:

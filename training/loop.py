@@ -46,12 +46,12 @@ EXPORT_FILE = "multitalk.safetensors"
 SAMPLES_DIR = "samples"
 
 
-def _deepspeed_config(config: TrainingConfig) -> dict:
-    """DeepSpeed's config for the run: batch geometry, gradient clipping, ZeRO and precision."""
+def _deepspeed_config(config: TrainingConfig, world_size: int) -> dict:
+    """DeepSpeed's config for `world_size` workers: batch geometry, gradient clipping, ZeRO and precision."""
     return {
-        "train_batch_size": config.schedule.global_batch_size,
+        "train_batch_size": config.step_batch_size(world_size),
         "train_micro_batch_size_per_gpu": config.schedule.micro_batch_size,
-        "gradient_accumulation_steps": config.accumulation_steps,
+        "gradient_accumulation_steps": config.accumulation_steps(world_size),
         "gradient_clipping": config.optimizer.grad_clip,
         "zero_optimization": {
             "stage": config.deepspeed.zero_stage,
@@ -98,6 +98,15 @@ class Worker:
         else:
             # DeepSpeed compiles a small shared-memory op for CPU collectives once; keep it beside the environment.
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+        # The worker group may have shrunk (cluster.min_workers): the live world size sets the accumulation.
+        self.accumulation_steps = config.accumulation_steps(self.world_size)
+        if config.step_batch_size(self.world_size) != config.schedule.global_batch_size and self.rank == 0:
+            logger.warning(
+                "%d workers do not divide the global batch %d: each step takes %d samples",
+                self.world_size,
+                config.schedule.global_batch_size,
+                config.step_batch_size(self.world_size),
+            )
         self.architecture: MultiTalkConfig = get_preset(config.model.preset)
         self.dtype = DTYPES[config.model.precision]
 
@@ -122,7 +131,7 @@ class Worker:
             model_parameters=params,
             optimizer=optimizer,
             lr_scheduler=self.scheduler,
-            config=_deepspeed_config(config),
+            config=_deepspeed_config(config, self.world_size),
             dist_init_required=False,
         )[0]
         self.frozen_at_start = frozen_fingerprint(self.engine.module)
@@ -141,11 +150,13 @@ class Worker:
         restored = restore(self.engine)
         if restored is None:
             return
-        self.step, state = restored
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch"])
-        self.tracker = CursorTracker.from_state_dict(state["cursor"], self.dataset.num_streams)
-        self.dataset.cursor = self.tracker.streams
+        self.step, states = restored
+        if self.rank < len(states):  # a worker added by an elastic resize keeps its fresh random state
+            self.generator.set_state(states[self.rank]["generator"])
+            torch.set_rng_state(states[self.rank]["torch"])
+        cursors = [state["cursor"] for state in states]
+        self.tracker = CursorTracker.resume(cursors, self.dataset.num_streams, self.dataset.own_streams)
+        self.dataset.cursor, self.dataset.earlier = self.tracker.streams, self.tracker.earlier
         logger.info("rank %d resumed at step %d", self.rank, self.step)
 
     def state(self) -> dict:
@@ -159,7 +170,7 @@ class Worker:
     def train_step(self, batches: Iterator[ClipBatch]) -> StepStats:
         """One optimizer step: forward and backward over the micro-batches, then DeepSpeed's update."""
         stats = StepStats()
-        for _ in range(self.config.accumulation_steps):
+        for _ in range(self.accumulation_steps):
             wait_started = time.perf_counter()
             batch = next(batches)
             stats.waited_s += time.perf_counter() - wait_started
@@ -178,9 +189,8 @@ class Worker:
 
     def metrics(self, stats: StepStats, step_time: float) -> dict[str, float]:
         """The step's metrics over all workers (a collective)."""
-        schedule = self.config.schedule
         totals = torch.tensor(
-            [stats.loss / self.config.accumulation_steps, stats.flops, stats.tokens, stats.waited_s / step_time],
+            [stats.loss / self.accumulation_steps, stats.flops, stats.tokens, stats.waited_s / step_time],
             device=self.device,
         )
         dist.all_reduce(totals)
@@ -190,7 +200,7 @@ class Worker:
             "loss": loss / self.world_size,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "samples_per_s": schedule.global_batch_size / step_time,
+            "samples_per_s": self.config.step_batch_size(self.world_size) / step_time,
             "tokens_per_s": tokens / step_time,
             "mfu": flops / step_time / (self.config.metrics.peak_tflops * 1e12 * self.world_size),
             "data_wait_fraction": waited / self.world_size,

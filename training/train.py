@@ -35,7 +35,9 @@ def run(config: TrainingConfig) -> Result:
         train_loop_per_worker,
         train_loop_config=config.model_dump(),
         scaling_config=ScalingConfig(
-            num_workers=config.cluster.num_workers,
+            num_workers=config.cluster.num_workers
+            if config.cluster.min_workers is None
+            else (config.cluster.min_workers, config.cluster.num_workers),
             use_gpu=config.cluster.use_gpu,
             resources_per_worker={"CPU": config.cluster.cpus_per_worker, **config.cluster.worker_resources},
         ),
