@@ -382,7 +382,6 @@ class MultiTalkPipeline:
         total = last.cache_computed + last.cache_skipped
         return np.concatenate(frames), (last.cache_skipped / total if total else 0.0)
 
-    @torch.no_grad()
     def stream(
         self,
         prepared: PreparedJob,
@@ -398,10 +397,11 @@ class MultiTalkPipeline:
         its latent, decode it. Nothing of a clip outlives the next one but its motion frames.
         """
         job = prepared.job
-        self._use_job_loras(job.loras)
-        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
-        conditions = self._job_conditions(prepared, starts, self._audio_frames_needed(prepared, starts))
-        clip_condition = self._clip_conditioner(prepared, starts)
+        with torch.no_grad():
+            self._use_job_loras(job.loras)
+            starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
+            conditions = self._job_conditions(prepared, starts, self._audio_frames_needed(prepared, starts))
+            clip_condition = self._clip_conditioner(prepared, starts)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         motion, first, cache_computed, cache_skipped = None, 0, 0, 0
         if resume is not None:
@@ -412,18 +412,20 @@ class MultiTalkPipeline:
             generator.set_state(resume.noise_state)
             motion, first = resume.motion, resume.clip + 1
             cache_computed, cache_skipped = resume.cache_computed, resume.cache_skipped
+        # No torch.no_grad() around the yields: its generator wrapper would keep the last clip alive.
         for clip_index in range(first, len(starts)):
-            clip = clip_condition(clip_index, motion)
-            latent, computed, skipped = self._sample_clip(
-                job, clip, clip_index, starts, conditions, generator, progress, cancelled
-            )
+            with torch.no_grad():
+                clip = clip_condition(clip_index, motion)
+                latent, computed, skipped = self._sample_clip(
+                    job, clip, clip_index, starts, conditions, generator, progress, cancelled
+                )
+                clip_frames = self._decode_clip(latent, prepared)
             cache_computed, cache_skipped = cache_computed + computed, cache_skipped + skipped
-            clip_frames = self._decode_clip(latent, prepared)
             new_from = 0 if clip_index == 0 else starts[clip_index] + job.motion_frames  # the video's frame index
             new_frames = clip_frames if clip_index == 0 else clip_frames[job.motion_frames :]
             motion = clip_frames[-job.motion_frames :].copy()  # a copy: the rest of the clip is freed with it
             state = ClipState(clip_index, len(starts), motion, generator.get_state(), cache_computed, cache_skipped)
-            del latent, clip_frames
+            del clip, latent, clip_frames
             yield state, new_frames[: prepared.num_frames - new_from]
             del new_frames  # the caller is done with them: only the motion frames outlive the clip
 

@@ -1,6 +1,5 @@
 """Video and image I/O through PyAV and PIL: probe, decode at a fixed frame rate, load images, write H.264 + AAC mp4."""
 
-import itertools
 import os
 import uuid
 from collections.abc import Iterable
@@ -221,12 +220,7 @@ def write_video(
             raise ValueError(f"audio must be [channels, samples], got shape {tuple(audio.shape)}")
         if not audio_rate or audio_rate < 1:
             raise ValueError(f"audio_rate must be given as a positive sample rate with audio, got {audio_rate}")
-    chunks = iter([frames] if isinstance(frames, np.ndarray) else frames)
-    first_chunk = next(chunks, None)
-    if first_chunk is None:
-        raise ValueError("frames must hold at least one frame, got no chunk")
-    _check_frames(first_chunk)
-    height, width = first_chunk.shape[1:3]
+    chunks = [frames] if isinstance(frames, np.ndarray) else frames
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Encode next to the destination and rename at the end: a reader never sees a partial file, and the
@@ -235,25 +229,27 @@ def write_video(
     try:
         # faststart puts the index first so that browsers can play the result while it downloads.
         with av.open(str(temporary), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            video = container.add_stream("libx264", rate=fps)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            video.options = {"crf": str(crf)}
-            if audio is not None:
-                audio_stream = container.add_stream("aac", rate=audio_rate, layout=_audio_layout(audio.shape[0]))
-
-            all_chunks, index = itertools.chain([first_chunk], chunks), 0
-            del first_chunk  # each chunk is freed once encoded, before the next one is made
-            for chunk in all_chunks:
+            video = audio_stream = None
+            index = 0
+            for chunk in chunks:
                 _check_frames(chunk)
-                if chunk.shape[1:3] != (height, width):
+                if video is None:  # the first chunk gives the size
+                    video = container.add_stream("libx264", rate=fps)
+                    video.height, video.width = chunk.shape[1:3]
+                    video.pix_fmt, video.options = "yuv420p", {"crf": str(crf)}
+                    if audio is not None:
+                        layout = _audio_layout(audio.shape[0])
+                        audio_stream = container.add_stream("aac", rate=audio_rate, layout=layout)
+                elif chunk.shape[1:3] != (video.height, video.width):
                     raise ValueError(
-                        f"frames must all be {width}x{height}, got a chunk of {chunk.shape[2]}x{chunk.shape[1]}"
+                        f"frames must all be {video.width}x{video.height}, got a chunk of "
+                        f"{chunk.shape[2]}x{chunk.shape[1]}"
                     )
                 for rgb in chunk:
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
                     frame.pts, frame.time_base = index, Fraction(1, fps)
                     container.mux(video.encode(frame))
-                    if audio is not None:
+                    if audio_stream is not None:
                         # Encode the audio of each frame with it, so that the file interleaves audio and video in
                         # time order (a player streaming it needs both) instead of storing all video first; past
                         # the audio's end, silence.
@@ -264,9 +260,11 @@ def write_video(
                         samples.sample_rate, samples.pts, samples.time_base = audio_rate, first, Fraction(1, audio_rate)
                         container.mux(audio_stream.encode(samples))
                     index += 1
-                del chunk, rgb
+                del chunk, rgb  # free the chunk (a clip's frames) before the next one is made
+            if video is None:
+                raise ValueError("frames must hold at least one frame, got no chunk")
             container.mux(video.encode())
-            if audio is not None:
+            if audio_stream is not None:
                 container.mux(audio_stream.encode())
         os.replace(temporary, path)
     except BaseException:
