@@ -7,6 +7,10 @@ Everything that can be wrong with a job (image, audio, boxes, lengths) is checke
 runs. Sampling follows the reference MultiTalk pipeline: shifted flow-matching Euler steps, text + audio guidance,
 and in streaming mode clip after clip, each conditioned on the last motion frames of the previous one (re-noised
 and pasted into the latent at every step) and colour-matched to the reference image.
+
+A long job streams: each clip's frames go to the video encoder as the clip is decoded (memory holds one clip, not
+the video), and a `ClipStore` given to `generate` keeps every finished clip with what the next one needs
+(`ClipState`), so that a retry after a crash resumes after the last finished clip, with the same video.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -82,6 +87,32 @@ class Progress:
         return 100.0 * ((self.clip - 1) * self.steps + self.step) / (self.clips * self.steps)
 
 
+@dataclass(frozen=True)
+class ClipState:
+    """Where a job stands after one of its clips: everything the clips after it depend on."""
+
+    clip: int  # 0-based index of the finished clip
+    clips: int  # clips of the job
+    motion: np.ndarray  # its last motion_frames frames, uint8 [m, H, W, 3]: the next clip is conditioned on them
+    noise_state: torch.Tensor  # the job's noise generator after the clip (all clips draw from one, seeded once)
+    cache_computed: int  # step-cache forwards computed and skipped up to this clip
+    cache_skipped: int
+
+
+class ClipStore(Protocol):
+    """Keeps a job's finished clips, so that a retry resumes after the last one instead of starting over (serving
+    keeps them with the job in its storage: serving/clips.py)."""
+
+    def last(self) -> ClipState | None:
+        """The state after the last finished clip; None when no clip is stored."""
+
+    def frames(self, clip: int) -> np.ndarray:
+        """The new frames of a finished clip, uint8 [n, H, W, 3] (as `MultiTalkPipeline.stream` yielded them)."""
+
+    def save(self, state: ClipState, frames: np.ndarray) -> None:
+        """Stores a finished clip: its state and its new frames."""
+
+
 @dataclass
 class PreparedJob:
     """A validated job with its inputs decoded: what sampling needs, and nothing loaded twice."""
@@ -111,6 +142,7 @@ class GenerationResult:
     region_source: str
     seconds: float
     step_cache_skipped: float  # share of pass forwards the step cache skipped (0 without it)
+    resumed_clips: int  # clips a retry took from its ClipStore instead of generating them
 
 
 @dataclass(frozen=True)
@@ -306,59 +338,122 @@ class MultiTalkPipeline:
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         preview_path: str | Path | None = None,
+        clip_store: ClipStore | None = None,
     ) -> GenerationResult:
-        """Generates the video of a job into out_path (mp4, 25 fps, H.264 + AAC of the original audio mix)."""
+        """Generates the video of a job into out_path (mp4, 25 fps, H.264 + AAC of the original audio mix).
+
+        Each clip's frames are encoded as soon as it is decoded. With a clip_store, every finished clip is saved
+        there, and the clips it already holds (an earlier attempt's) are encoded from it and not generated again.
+        """
         start = time.perf_counter()
         prepared = self.prepare(job)
         if preview_path is not None:
             draw_regions_preview(self._load_source(prepared.job), prepared.boxes, preview_path)
-        frames, skipped = self.sample(prepared, progress, cancelled)
-        samples = round(len(frames) / VIDEO_FPS * prepared.mix_rate)
-        path = write_video(out_path, frames, VIDEO_FPS, prepared.mix[:, :samples], prepared.mix_rate)
-        job = prepared.job  # with the family's defaults filled in
-        clips = len(plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming"))
+        resume = clip_store.last() if clip_store is not None else None
+        last = resume
+
+        def clip_frames() -> Iterator[np.ndarray]:
+            nonlocal last
+            for clip in range(resume.clip + 1 if resume is not None else 0):
+                yield clip_store.frames(clip)
+            for state, frames in self.stream(prepared, progress, cancelled, resume):
+                if clip_store is not None:
+                    clip_store.save(state, frames)
+                last = state
+                yield frames
+                del frames  # encoded: freed before the next clip is generated
+
+        samples = round(prepared.num_frames / VIDEO_FPS * prepared.mix_rate)
+        path = write_video(out_path, clip_frames(), VIDEO_FPS, prepared.mix[:, :samples], prepared.mix_rate)
+        cache_forwards = last.cache_computed + last.cache_skipped
         return GenerationResult(
             path=Path(path),
-            num_frames=len(frames),
-            duration_s=len(frames) / VIDEO_FPS,
-            clips=clips,
+            num_frames=prepared.num_frames,
+            duration_s=prepared.num_frames / VIDEO_FPS,
+            clips=last.clips,
             boxes=prepared.boxes,
             region_source=prepared.region_source,
             seconds=time.perf_counter() - start,
-            step_cache_skipped=skipped,
+            step_cache_skipped=last.cache_skipped / cache_forwards if cache_forwards else 0.0,
+            resumed_clips=0 if resume is None else resume.clip + 1,
         )
 
-    @torch.no_grad()
     def sample(
         self,
         prepared: PreparedJob,
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, float]:
-        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped.
+        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped (the
+        whole video in memory: `generate` streams it instead)."""
+        states, frames = zip(*self.stream(prepared, progress, cancelled), strict=True)
+        last = states[-1]
+        total = last.cache_computed + last.cache_skipped
+        return np.concatenate(frames), (last.cache_skipped / total if total else 0.0)
 
-        Clip after clip: encode its condition (the reference image, then the previous clip's last motion frames),
-        denoise its latent, decode it and keep the frames that are new.
+    def stream(
+        self,
+        prepared: PreparedJob,
+        progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        resume: ClipState | None = None,
+    ) -> Iterator[tuple[ClipState, np.ndarray]]:
+        """The job's clips one at a time: each one's state and its new frames, uint8 [n, H, W, 3] (the first clip's
+        all, later ones' after their motion frames, the last one's up to the job's length). From the clip after
+        `resume` when given: the same clips as an uninterrupted run, as the noise generator resumes where it was.
+
+        Clip after clip: encode its condition (the reference, then the previous clip's last motion frames), denoise
+        its latent, decode it. Nothing of a clip outlives the next one but its motion frames.
         """
         job = prepared.job
-        self._use_job_loras(job.loras)
-        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
-        conditions = self._job_conditions(prepared, starts, starts[-1] + job.frame_num)
+        with torch.no_grad():
+            self._use_job_loras(job.loras)
+            starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
+            conditions = self._job_conditions(prepared, starts, self._audio_frames_needed(prepared, starts))
+            clip_condition = self._clip_conditioner(prepared, starts)
         generator = torch.Generator("cpu").manual_seed(job.seed)
-        condition = _to_pixels(prepared.image)[:, None]  # [3, 1, H, W]: the reference image is the first condition
-        frames: list[np.ndarray] = []
-        cache_computed = cache_skipped = 0
-        for clip_index in range(len(starts)):
-            clip = self._encode_clip_condition(condition, job.frame_num, paste=clip_index > 0)
-            latent, computed, skipped = self._sample_clip(
-                job, clip, clip_index, starts, conditions, generator, progress, cancelled
-            )
+        motion, first, cache_computed, cache_skipped = None, 0, 0, 0
+        if resume is not None:
+            if resume.clips != len(starts) or not 0 <= resume.clip < len(starts):
+                raise ValueError(
+                    f"resume: clip {resume.clip + 1} of {resume.clips}, but the job has {len(starts)} clips"
+                )
+            generator.set_state(resume.noise_state)
+            motion, first = resume.motion, resume.clip + 1
+            cache_computed, cache_skipped = resume.cache_computed, resume.cache_skipped
+        # No torch.no_grad() around the yields: its generator wrapper would keep the last clip alive.
+        for clip_index in range(first, len(starts)):
+            with torch.no_grad():
+                clip = clip_condition(clip_index, motion)
+                latent, computed, skipped = self._sample_clip(
+                    job, clip, clip_index, starts, conditions, generator, progress, cancelled
+                )
+                clip_frames = self._decode_clip(latent, prepared)
             cache_computed, cache_skipped = cache_computed + computed, cache_skipped + skipped
-            clip_frames = self._decode_clip(latent, prepared)
-            frames.append(clip_frames if clip_index == 0 else clip_frames[clip.given_frames :])
-            condition = _to_pixels(clip_frames[-job.motion_frames :])  # [3, motion, H, W]
-        total = cache_computed + cache_skipped
-        return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
+            new_from = 0 if clip_index == 0 else starts[clip_index] + job.motion_frames  # the video's frame index
+            new_frames = clip_frames if clip_index == 0 else clip_frames[job.motion_frames :]
+            motion = clip_frames[-job.motion_frames :].copy()  # a copy: the rest of the clip is freed with it
+            state = ClipState(clip_index, len(starts), motion, generator.get_state(), cache_computed, cache_skipped)
+            del clip, latent, clip_frames
+            yield state, new_frames[: prepared.num_frames - new_from]
+            del new_frames  # the caller is done with them: only the motion frames outlive the clip
+
+    def _audio_frames_needed(self, prepared: PreparedJob, starts: list[int]) -> int:
+        """Audio feature frames the clips read: up to the end of the last clip."""
+        return starts[-1] + prepared.job.frame_num
+
+    def _clip_conditioner(
+        self, prepared: PreparedJob, starts: list[int]
+    ) -> Callable[[int, np.ndarray | None], _ClipCondition]:
+        """(clip index, the previous clip's motion frames or None for the first) -> the clip's encoded condition:
+        the reference image for the first clip, the motion frames (pasted into the latent too) for later ones."""
+        job = prepared.job
+
+        def encode(clip_index: int, motion: np.ndarray | None) -> _ClipCondition:
+            given = _to_pixels(prepared.image)[:, None] if motion is None else _to_pixels(motion)
+            return self._encode_clip_condition(given, job.frame_num, paste=clip_index > 0)
+
+        return encode
 
     def _sample_clip(
         self,

@@ -1,7 +1,7 @@
 """The InfiniteTalk sampler: image to video, and video dubbing (a source video's people speaking new audio).
 
 InfiniteTalk (MeiGen-AI/InfiniteTalk, arXiv 2508.14033) has MultiTalk's transformer and weight layout; its weights
-were trained for another sampler, which `InfiniteTalkPipeline.sample` follows (wan/multitalk.py
+were trained for another sampler, whose clip conditions `InfiniteTalkPipeline` gives (wan/multitalk.py
 `generate_infinitetalk`):
 
 - clips advance by frame_num - motion_frames (9 by default) as MultiTalk's streaming mode does, until the audio ends;
@@ -31,10 +31,8 @@ from .generation import (
     GenerationError,
     MultiTalkPipeline,
     PreparedJob,
-    Progress,
     _ClipCondition,
     _to_pixels,
-    plan_clips,
 )
 from .jobs import GenerationJob
 from .media import MediaError, probe_media, read_video_frames
@@ -133,38 +131,24 @@ class InfiniteTalkPipeline(MultiTalkPipeline):
         after every step: with clean latents that is the reference's paste before and after every step."""
         return paste_clean(latent, clip.motion_latent, clip.motion_frames)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prepared: PreparedJob,
-        progress: Callable[[Progress], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[np.ndarray, float]:
-        """The job's frames, uint8 [num_frames, H, W, 3], and the share of forwards the step cache skipped."""
-        job = prepared.job
-        self._use_job_loras(job.loras)
-        starts = plan_clips(prepared.num_frames, job.frame_num, job.motion_frames, job.mode == "streaming")
+    def _audio_frames_needed(self, prepared: PreparedJob, starts: list[int]) -> int:
         audio_frames = int(len(prepared.speech[0]) / SAMPLE_RATE * VIDEO_FPS)
-        conditions = self._job_conditions(
-            prepared, starts, audio_frames_needed(starts[-1] + job.frame_num, audio_frames)
-        )
+        return audio_frames_needed(starts[-1] + prepared.job.frame_num, audio_frames)
+
+    def _clip_conditioner(
+        self, prepared: PreparedJob, starts: list[int]
+    ) -> Callable[[int, np.ndarray | None], _InfiniteTalkClip]:
+        """Each clip is conditioned on its own reference frame; its motion frames are the previous clip's last ones,
+        for the first clip its reference frame. Colour matching aims at prepared.image, the first clip's reference
+        frame, in every clip (as the reference)."""
         references = self.reference_frames(prepared, starts)
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-        motion = _to_pixels(references[0])[:, None]  # the first clip's motion frame is its reference frame
-        frames: list[np.ndarray] = []
-        cache_computed = cache_skipped = 0
-        for clip_index, reference in enumerate(references):
-            clip = self.encode_clip(reference, motion, job.frame_num)
-            latent, computed, skipped = self._sample_clip(
-                job, clip, clip_index, starts, conditions, generator, progress, cancelled
-            )
-            cache_computed, cache_skipped = cache_computed + computed, cache_skipped + skipped
-            # Colour-matched to prepared.image, the first clip's reference frame, in every clip (as the reference).
-            clip_frames = self._decode_clip(latent, prepared)
-            frames.append(clip_frames if clip_index == 0 else clip_frames[job.motion_frames :])
-            motion = _to_pixels(clip_frames[-job.motion_frames :])
-        total = cache_computed + cache_skipped
-        return np.concatenate(frames)[: prepared.num_frames], (cache_skipped / total if total else 0.0)
+        frame_num = prepared.job.frame_num
+
+        def encode(clip_index: int, motion: np.ndarray | None) -> _InfiniteTalkClip:
+            given = _to_pixels(references[0])[:, None] if motion is None else _to_pixels(motion)
+            return self.encode_clip(references[clip_index], given, frame_num)
+
+        return encode
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -200,15 +201,18 @@ def _check_frames(frames: np.ndarray) -> None:
 
 def write_video(
     path: str | Path,
-    frames: np.ndarray,
+    frames: np.ndarray | Iterable[np.ndarray],
     fps: int = 25,
     audio: np.ndarray | None = None,
     audio_rate: int | None = None,
     crf: int = 18,
 ) -> Path:
-    """Write RGB frames as H.264 mp4 at exactly `fps`, with [channels, samples] audio as AAC cut to the video length."""
+    """Write RGB frames as H.264 mp4 at exactly `fps`, with [channels, samples] audio as AAC cut to the video length.
+
+    `frames` is one [T, H, W, 3] array, or an iterable of such chunks (a generator's clips) encoded as they come, so
+    that a long video never has to be in memory at once.
+    """
     path = Path(path)
-    _check_frames(frames)
     if fps < 1:
         raise ValueError(f"fps must be a positive integer, got {fps}")
     if audio is not None:
@@ -216,7 +220,7 @@ def write_video(
             raise ValueError(f"audio must be [channels, samples], got shape {tuple(audio.shape)}")
         if not audio_rate or audio_rate < 1:
             raise ValueError(f"audio_rate must be given as a positive sample rate with audio, got {audio_rate}")
-    num_video_frames, height, width = frames.shape[:3]
+    chunks = [frames] if isinstance(frames, np.ndarray) else frames
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Encode next to the destination and rename at the end: a reader never sees a partial file, and the
@@ -225,28 +229,42 @@ def write_video(
     try:
         # faststart puts the index first so that browsers can play the result while it downloads.
         with av.open(str(temporary), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            video = container.add_stream("libx264", rate=fps)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            video.options = {"crf": str(crf)}
-            if audio is not None:
-                audio_stream = container.add_stream("aac", rate=audio_rate, layout=_audio_layout(audio.shape[0]))
-                fitted = _fit_audio(audio, round(num_video_frames * audio_rate / fps))
-
-            for index, rgb in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-                frame.pts, frame.time_base = index, Fraction(1, fps)
-                container.mux(video.encode(frame))
-                if audio is not None:
-                    # Encode the audio of each frame with it, so that the file interleaves audio and video in
-                    # time order (a player streaming it needs both) instead of storing all video first.
-                    first, end = round(index * audio_rate / fps), round((index + 1) * audio_rate / fps)
-                    samples = av.AudioFrame.from_ndarray(
-                        np.ascontiguousarray(fitted[:, first:end]), format="fltp", layout=audio_stream.layout.name
+            video = audio_stream = None
+            index = 0
+            for chunk in chunks:
+                _check_frames(chunk)
+                if video is None:  # the first chunk gives the size
+                    video = container.add_stream("libx264", rate=fps)
+                    video.height, video.width = chunk.shape[1:3]
+                    video.pix_fmt, video.options = "yuv420p", {"crf": str(crf)}
+                    if audio is not None:
+                        layout = _audio_layout(audio.shape[0])
+                        audio_stream = container.add_stream("aac", rate=audio_rate, layout=layout)
+                elif chunk.shape[1:3] != (video.height, video.width):
+                    raise ValueError(
+                        f"frames must all be {video.width}x{video.height}, got a chunk of "
+                        f"{chunk.shape[2]}x{chunk.shape[1]}"
                     )
-                    samples.sample_rate, samples.pts, samples.time_base = audio_rate, first, Fraction(1, audio_rate)
-                    container.mux(audio_stream.encode(samples))
+                for rgb in chunk:
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                    frame.pts, frame.time_base = index, Fraction(1, fps)
+                    container.mux(video.encode(frame))
+                    if audio_stream is not None:
+                        # Encode the audio of each frame with it, so that the file interleaves audio and video in
+                        # time order (a player streaming it needs both) instead of storing all video first; past
+                        # the audio's end, silence.
+                        first, end = round(index * audio_rate / fps), round((index + 1) * audio_rate / fps)
+                        samples = av.AudioFrame.from_ndarray(
+                            _fit_audio(audio[:, first:end], end - first), format="fltp", layout=audio_stream.layout.name
+                        )
+                        samples.sample_rate, samples.pts, samples.time_base = audio_rate, first, Fraction(1, audio_rate)
+                        container.mux(audio_stream.encode(samples))
+                    index += 1
+                del chunk, rgb  # free the chunk (a clip's frames) before the next one is made
+            if video is None:
+                raise ValueError("frames must hold at least one frame, got no chunk")
             container.mux(video.encode())
-            if audio is not None:
+            if audio_stream is not None:
                 container.mux(audio_stream.encode())
         os.replace(temporary, path)
     except BaseException:

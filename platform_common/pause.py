@@ -8,6 +8,7 @@ spans (a driver, Ray workers and Serve replicas inherit the variable from the pr
 
 The points:
     generator-step             serving: a replica reported a sampling step of the job it runs (serving/generator.py)
+    generator-clip-finished    serving: a replica stored a finished clip of the job it runs (serving/clips.py)
     curation-shard-committed   curation: the driver committed a shard (pipelines/sink.py)
     training-checkpoint-<step> training: a worker reported the checkpoint of optimizer step <step> (training/loop.py)
     evaluation-clip-written    evaluation: a generator actor committed a generated clip's video (evaluation/evaluate.py)

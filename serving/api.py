@@ -131,7 +131,7 @@ def _stored_spec(job: GenerationJob, image: Upload, audio: list[Upload]) -> tupl
 # ------------------------------------------------------------------------------------------------- deployment
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment  # its CPUs and node labels come from the config (serving/app.py)
 @serve.ingress(app)
 class VideosAPI:
     def __init__(self, config: ServingConfig, dispatcher: DeploymentHandle) -> None:

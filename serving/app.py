@@ -39,8 +39,12 @@ def build_app(config: ServingConfig) -> Application:
             "downscale_delay_s": scaling.downscale_delay_s,
             "look_back_period_s": scaling.look_back_period_s,
         },
-        ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
+        ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus, "resources": scaling.resources},
         graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s,
     ).bind(config)
-    api = VideosAPI.options(num_replicas=config.api_replicas)
-    return api.bind(config, Dispatcher.bind(config, generator))
+    control = config.control_plane
+    api = VideosAPI.options(
+        num_replicas=config.api_replicas, ray_actor_options=control.actor_options(control.api_num_cpus)
+    )
+    dispatcher = Dispatcher.options(ray_actor_options=control.actor_options(control.dispatcher_num_cpus))
+    return api.bind(config, dispatcher.bind(config, generator))

@@ -71,6 +71,11 @@ class GeneratorScaling(BaseModel):
     )
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (with devices_per_replica = 1).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources reserved per replica, e.g. one of a resource each generator node has one "
+        "of, for at most one replica per node.",
+    )
     graceful_shutdown_timeout_s: float = Field(
         default=5.0, ge=0, description="How long a stopping replica may finish its job; unfinished jobs are requeued."
     )
@@ -80,6 +85,28 @@ class GeneratorScaling(BaseModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         return self
+
+
+class ControlPlane(BaseModel):
+    """The API (ingress) and dispatcher replicas: CPU work that must not take a generator node's place. The defaults
+    fit a laptop's 2 CPUs beside a generator; a cluster reserves more and keeps them on its CPU nodes by a label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_num_cpus: float = Field(
+        default=0.25, gt=0, description="CPUs reserved per API replica (it decodes and checks the uploads)."
+    )
+    dispatcher_num_cpus: float = Field(default=0.1, gt=0, description="CPUs reserved by the dispatcher replica.")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels the API and dispatcher replicas require, e.g. {multitalk.io/pool: cpu} with "
+        "the label on the CPU nodes only (KubeRay: the CPU worker group's labels), so that neither lands on a GPU "
+        "node; empty: any node.",
+    )
+
+    def actor_options(self, num_cpus: float) -> dict[str, Any]:
+        """ray_actor_options of one of the two deployments."""
+        return {"num_cpus": num_cpus, **({"label_selector": self.label_selector} if self.label_selector else {})}
 
 
 def _check_job_fields(name: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +160,13 @@ class ServingConfig(BaseModel):
     tiny: bool = Field(default=False, description="Build a tiny random model into model_dir when it is missing.")
     device: str = Field(default="cpu", description="torch device of a generator replica: cpu or cuda.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Transformer dtype.")
-    devices_per_replica: int = Field(default=1, ge=1, description="Devices one generator replica shards a job over.")
+    devices_per_replica: int = Field(
+        default=1,
+        ge=1,
+        description="Devices one generator replica shards a job over. They are always on one node: the group is "
+        "one STRICT_PACK placement group, which waits for a node with K free devices and never spans nodes "
+        "(its collectives run over NVLink/PCIe, not the network); K must not exceed a node's devices.",
+    )
     parallel_mode: Literal["sequence", "guidance"] = Field(
         default="sequence",
         description="How a device group shards a job: tokens across ranks (sequence) or guidance passes (guidance).",
@@ -195,6 +228,9 @@ class ServingConfig(BaseModel):
         default_factory=list, description=f"Accepted bearer tokens, with those in ${API_KEYS_ENV} (comma separated)."
     )
     api_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP API (the ingress).")
+    control_plane: ControlPlane = Field(
+        default_factory=ControlPlane, description="CPUs and node labels of the API and dispatcher replicas."
+    )
     max_queued_jobs: int = Field(default=16, ge=1, description="Jobs that may wait; more submissions get 429.")
     max_attempts: int = Field(
         default=3, ge=1, description="Times a job may be started; a job interrupted this often fails."

@@ -7,7 +7,8 @@ One Ray actor per device (`num_gpus=1` on GPUs, `num_cpus=1` on CPU), all in one
 they share a node: rank 0 opens the torch.distributed rendezvous on a free port of 127.0.0.1 and every rank joins
 (NCCL on GPUs, gloo on CPU). Each loads the pipeline and applies `serving.parallel` to its transformer. For a job,
 every rank runs the same pipeline with the same seed; the collectives inside the transformer keep them in step.
-Rank 0 writes the mp4 and records progress, which the caller polls; the caller's cancellation reaches rank 0, which
+Rank 0 writes the mp4, saves the finished clips to the caller's clip store and records progress, which the caller
+polls (a retry's ranks all resume after the store's last clip); the caller's cancellation reaches rank 0, which
 broadcasts it at every step's cancellation check, so all ranks stop at the same step and stay usable.
 
 The actors read the job's files and rank 0 writes `out_path` on the group's node: give the group the caller's own
@@ -34,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from multitalk_model.faces import build_face_detector
 from multitalk_model.generation import (
+    ClipStore,
     GenerationCancelled,
     GenerationError,
     GenerationResult,
@@ -56,7 +58,7 @@ _COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 # After one rank failed, how long the others get to fail the same way (a bad job fails on every rank at once)
 # before the group counts as out of step.
 _FAILURE_GRACE_S = 30.0
-# How long a group waits for its devices (a cluster may first have to start a node).
+# How long a group waits for its devices by default (a cluster may first have to start a node).
 _PLACEMENT_TIMEOUT_S = 600.0
 
 
@@ -119,14 +121,17 @@ class _GenerationRank:
         _APPLY[mode](self.pipeline.components.transformer)
 
     def generate(
-        self, run: int, job: GenerationJob, out_path: str, preview_path: str | None
+        self, run: int, job: GenerationJob, out_path: str, preview_path: str | None, clip_store: ClipStore | None
     ) -> GenerationResult | None:
-        """Runs one job in step with the other ranks; rank 0 writes the video and returns the result."""
+        """Runs one job in step with the other ranks; rank 0 writes the video, saves the clips and returns the
+        result. Every rank reads the store's last clip before the first collective, so before rank 0 saves one."""
         with self._lock:
             self._run, self._progress = run, []
         if self.rank == 0:
-            return self.pipeline.generate(job, out_path, self._record, self._cancelled, preview_path)
-        self.pipeline.sample(self.pipeline.prepare(job), cancelled=self._cancelled)
+            return self.pipeline.generate(job, out_path, self._record, self._cancelled, preview_path, clip_store)
+        resume = clip_store.last() if clip_store is not None else None
+        for _ in self.pipeline.stream(self.pipeline.prepare(job), cancelled=self._cancelled, resume=resume):
+            pass
         return None
 
     @ray.method(concurrency_group="control")
@@ -161,9 +166,10 @@ class DeviceGroup:
     puts the guidance passes on separate ranks (a job's passes per step, 3, or 2 with text_guidance 1, must divide
     by K). `shard_weights`: FSDP2, each rank holds 1/K of the transformer blocks and the text encoder
     (`serving.sharding`). `placement_group`: the caller's own, whose last K bundles hold the devices; None creates
-    one on the caller's node, removed by `shutdown`. `face_detector` names the detector each rank builds;
-    `pipeline_kwargs` go to `MultiTalkPipeline.from_model_dir` (dtype, loras, attention_backend, low_memory,
-    quantization, compile_blocks). Jobs run one at a time.
+    one on the caller's node, removed by `shutdown`, waiting up to placement_timeout_s for K devices free on that
+    node (the group never spans nodes: TimeoutError when they do not come). `face_detector` names the detector
+    each rank builds; `pipeline_kwargs` go to `MultiTalkPipeline.from_model_dir` (dtype, loras, attention_backend,
+    low_memory, quantization, compile_blocks). Jobs run one at a time.
     """
 
     def __init__(
@@ -176,6 +182,7 @@ class DeviceGroup:
         poll_interval_s: float = 0.2,
         face_detector: PackagedFaceDetectorKind = "auto",
         shard_weights: bool = False,
+        placement_timeout_s: float = _PLACEMENT_TIMEOUT_S,
         **pipeline_kwargs: Any,
     ) -> None:
         if mode not in _APPLY:
@@ -191,7 +198,7 @@ class DeviceGroup:
         self._shard_weights = shard_weights
         self._pipeline_kwargs = pipeline_kwargs
         self._owns_placement_group = placement_group is None
-        self._placement_group = placement_group or self._create_placement_group()
+        self._placement_group = placement_group or self._create_placement_group(placement_timeout_s)
         self._check_placement_group()
         self._lock = threading.Lock()
         self._run = 0
@@ -205,8 +212,10 @@ class DeviceGroup:
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         preview_path: str | Path | None = None,
+        clip_store: ClipStore | None = None,
     ) -> GenerationResult:
-        """Generates the video of a job into out_path, as `MultiTalkPipeline.generate` does, on the K devices."""
+        """Generates the video of a job into out_path, as `MultiTalkPipeline.generate` does, on the K devices (the
+        clip store travels to the ranks: it must pickle)."""
         if self.mode == "guidance":
             passes = len(guidance_passes(GuidanceScales(job.text_guidance, job.audio_guidance)))
             if passes % self.num_devices:
@@ -219,7 +228,7 @@ class DeviceGroup:
                 raise RuntimeError("the device group is shut down")
             self._run += 1
             preview = None if preview_path is None else str(preview_path)
-            refs = [actor.generate.remote(self._run, job, str(out_path), preview) for actor in self._actors]
+            refs = [actor.generate.remote(self._run, job, str(out_path), preview, clip_store) for actor in self._actors]
             return self._wait(self._run, refs, progress, cancelled)
 
     def shutdown(self) -> None:
@@ -271,17 +280,17 @@ class DeviceGroup:
         except RayActorError:  # rank 0 died: its generate call reports the failure
             return []
 
-    def _create_placement_group(self) -> PlacementGroup:
+    def _create_placement_group(self, timeout_s: float) -> PlacementGroup:
         bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
         # The first bundle asks for a sliver of the caller's node resource: STRICT_PACK then puts all the devices
         # on the caller's node, where the job's files and out_path are.
         on_this_node = {f"node:{ray.util.get_node_ip_address()}": 0.001}
         bundles = [{**bundle, **on_this_node}] + [bundle] * (self.num_devices - 1)
         group = placement_group(bundles, strategy="STRICT_PACK")
-        if not group.wait(_PLACEMENT_TIMEOUT_S):
+        if not group.wait(timeout_s):
             remove_placement_group(group)
             raise TimeoutError(
-                f"no {self.num_devices} x {bundle} free on this node after {_PLACEMENT_TIMEOUT_S:.0f} s "
+                f"no {self.num_devices} x {bundle} free on this node after {timeout_s:.0f} s "
                 f"(a caller that holds a CPU there takes it from the group)"
             )
         return group

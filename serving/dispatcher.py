@@ -21,7 +21,7 @@ from .store import JobStore
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1)  # its CPUs and node labels come from the config (serving/app.py)
 class Dispatcher:
     async def __init__(self, config: ServingConfig, generator: DeploymentHandle) -> None:
         self.store = JobStore(config.database_url)

@@ -3,7 +3,9 @@
 A job runs in a worker thread (the replica keeps answering health checks and the dispatcher meanwhile): its inputs
 come from the storage, every step's progress goes to the job store, whose answer tells the run whether to go on
 (a cancellation, or a newer attempt of the same job after a restart, stops it between two steps), and the video
-goes back to the storage before the job is marked succeeded, so a succeeded job always has its content.
+goes back to the storage before the job is marked succeeded, so a succeeded job always has its content. Every
+finished clip is kept with the job in the storage (serving/clips.py): a retry, on this replica or another node's,
+generates only the clips after the last one an earlier attempt finished.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ray import serve
 
 from multitalk_model.faces import build_face_detector
 from multitalk_model.generation import (
+    ClipStore,
     GenerationCancelled,
     GenerationError,
     GenerationResult,
@@ -32,6 +35,7 @@ from multitalk_model.jobs import GenerationJob
 from multitalk_model.media import read_video_frames
 from platform_common.pause import pause_point
 
+from .clips import JobClips
 from .config import ServingConfig
 from .device_group import DeviceGroup
 from .storage import THUMBNAIL_NAME, VIDEO_NAME, Storage, job_file
@@ -50,6 +54,7 @@ class Runner(Protocol):
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         preview_path: str | Path | None = None,
+        clip_store: ClipStore | None = None,
     ) -> GenerationResult: ...
 
 
@@ -117,6 +122,7 @@ def _summary(result: GenerationResult, size: tuple[int, int], started: datetime,
         "num_frames": result.num_frames,
         "duration_s": result.duration_s,
         "clips": result.clips,
+        "resumed_clips": result.resumed_clips,
         "boxes": [list(box) for box in result.boxes],
         "region_source": result.region_source,
         "generation_started_at": started.isoformat(),
@@ -157,12 +163,15 @@ class Generator:
             pause_point("generator-step")
 
         state, error, summary = JobState.SUCCEEDED, None, None
+        clips = JobClips(self.storage, job_id)
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-") as work:
             work_dir = Path(work)
             try:
                 job = _local_job(record.spec, job_id, self.storage, work_dir)
                 started = datetime.now(UTC)
-                result = self.runner.generate(job, work_dir / VIDEO_NAME, progress=report, cancelled=lambda: not go_on)
+                result = self.runner.generate(
+                    job, work_dir / VIDEO_NAME, progress=report, cancelled=lambda: not go_on, clip_store=clips
+                )
                 ended = datetime.now(UTC)
                 size = _write_thumbnail(result.path, work_dir / THUMBNAIL_NAME)
                 self.storage.upload(work_dir / THUMBNAIL_NAME, job_file(job_id, THUMBNAIL_NAME))
@@ -179,4 +188,6 @@ class Generator:
                 error = error.replace(f"{work_dir}/", "")
         if not self.store.end(job_id, attempt, state, error, summary):
             logger.info("job %s: attempt %d was superseded; its end (%s) is not recorded", job_id, attempt, state)
+            return state
+        clips.clear()  # the job has ended: nothing will resume from them
         return state

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from platform_common.storage import atomic_output
+from platform_common.storage import atomic_output, write_atomically
 
 _CHUNK_BYTES = 1 << 20
 VIDEO_NAME = "video.mp4"  # a job's result, beside its inputs/
@@ -67,6 +67,28 @@ class Storage:
         local.parent.mkdir(parents=True, exist_ok=True)
         with source, open(local, "wb") as target:
             shutil.copyfileobj(source, target, _CHUNK_BYTES)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Stores data at key (replacing what was there)."""
+        path = self._path(key)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        write_atomically(self.fs, path, data)
+
+    def read_bytes(self, key: str) -> bytes:
+        """The content of key; FileNotFoundError names the key when it is missing."""
+        try:
+            with self.fs.open_input_stream(self._path(key)) as source:
+                return source.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{key}: not in the storage at {self.uri}") from None
+
+    def names(self, folder: str) -> list[str]:
+        """Names of the files directly in a folder, sorted (not those still being written); none when the folder
+        does not exist."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(folder), allow_not_found=True))
+        return sorted(
+            info.base_name for info in infos if info.type == pafs.FileType.File and not info.base_name.startswith(".")
+        )
 
     def size(self, key: str) -> int | None:
         """Bytes of key, or None when it does not exist."""
