@@ -30,14 +30,15 @@ RAY_DIR = "ray"  # Ray Train's storage under the output folder: one folder per r
 
 def run(config: TrainingConfig) -> Result:
     """Train on the current Ray (started locally when none is running); returns Ray Train's result."""
-    connect_ray(config.cluster.ray_address, config.cluster.local_num_cpus)
+    cluster = config.cluster
+    connect_ray(cluster.ray_address, cluster.local_num_cpus)
+    # A (min, max) range makes the worker group elastic: it restarts with the workers it can get.
+    workers = cluster.num_workers if cluster.min_workers is None else (cluster.min_workers, cluster.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.model_dump(),
         scaling_config=ScalingConfig(
-            num_workers=config.cluster.num_workers
-            if config.cluster.min_workers is None
-            else (config.cluster.min_workers, config.cluster.num_workers),
+            num_workers=workers,
             use_gpu=config.cluster.use_gpu,
             resources_per_worker={"CPU": config.cluster.cpus_per_worker, **config.cluster.worker_resources},
         ),
