@@ -72,10 +72,9 @@ class AudioConfig(ConfigSection):
 
 
 class SpeakersConfig(ConfigSection):
-    still_motion: float = Field(
-        default=1.0, gt=0, description="mouth motion (grey levels) below which a face is taken as not speaking"
+    window_frames: int = Field(
+        default=15, ge=3, description="speech around a voiced frame scored against each face's lips, frames"
     )
-    smooth_frames: int = Field(default=9, ge=1, description="moving-average window of the mouth motion, frames")
     min_speaking_s: float = Field(default=0.4, ge=0, description="speech a person needs to count as bound")
     min_binding_confidence: float = Field(default=0.2, ge=0, le=1, description="lowest binding confidence kept")
 
