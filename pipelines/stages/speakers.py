@@ -33,10 +33,9 @@ def bind_speech(
     streams = []
     for frame in frames:
         first, last = max(0, frame - window_frames // 2), min(num_frames, frame + window_frames // 2 + 1)
+        gate = slice(first * SAMPLES_PER_FRAME, last * SAMPLES_PER_FRAME)
         stream = np.zeros(num_frames * SAMPLES_PER_FRAME, dtype=np.float32)
-        stream[first * SAMPLES_PER_FRAME : last * SAMPLES_PER_FRAME] = wave[
-            first * SAMPLES_PER_FRAME : last * SAMPLES_PER_FRAME
-        ]
+        stream[gate] = wave[gate]
         streams.append(speech_signal(stream, num_frames))
     matrix = binding_matrix(lips, np.stack(streams), max_offset)  # [P, voiced frames]
     ranked = np.sort(matrix, axis=0)
