@@ -29,6 +29,7 @@ from evaluation.lipsync import SAMPLES_PER_FRAME, shifted_correlations, speech_s
 from evaluation.syncnet import SyncNet, syncnet_score
 from multitalk_model.audio import load_speech
 from multitalk_model.media import probe_media, read_video_frames
+from pipelines.config import SyncConfig
 from pipelines.stages.faces import mouth_motion as grey_mouth_motion
 
 VIDEOS = [
@@ -115,12 +116,15 @@ def main() -> None:
                 rows[key][0 if own else 1].append(offline)
                 rows[key][2 if own else 3].append(old)
 
+    threshold = SyncConfig().min_confidence
     print("\nown audio vs another video's audio, ROC AUC (1 = every own pair above every swapped one)")
     print(f"{'pairs':22s} {'own':>5s} {'other':>6s} {'offline (landmarks)':>20s} {'old correlation':>16s}")
     for key, (own, other, old_own, old_other) in rows.items():
         print(f"{key:22s} {len(own):5d} {len(other):6d} {auc(own, other):20.3f} {auc(old_own, old_other):16.3f}")
         print(f"{'':22s} offline own {np.round(sorted(own), 2).tolist()}")
         print(f"{'':22s} offline other (top 8) {np.round(sorted(other)[-8:], 2).tolist()}")
+        kept_own, kept_other = np.mean(np.array(own) >= threshold), np.mean(np.array(other) >= threshold)
+        print(f"{'':22s} kept at curation's threshold {threshold}: own {kept_own:.0%}, other {kept_other:.0%}")
 
     # Binding: the conversation with its audio split at the turn, in order and swapped.
     conversation = args.media / "conversation_left_then_right.mp4"

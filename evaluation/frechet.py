@@ -22,6 +22,7 @@ from scipy import linalg
 from torch.nn import functional as F
 
 FVD_RESOLUTION = 224
+FVD_CLIP_FRAMES = 16  # StyleGAN-V (and cd-fvd) score 16-frame clips
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +61,12 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
         return torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as error:
         raise ValueError(f"{path}: not a TorchScript feature network ({error})") from error
+
+
+def video_clips(frames: np.ndarray, length: int = FVD_CLIP_FRAMES) -> list[np.ndarray]:
+    """The consecutive, non-overlapping clips of `length` frames of a video [T, H, W, 3] (a shorter rest is left
+    out): one video's samples for FVD."""
+    return [frames[first : first + length] for first in range(0, len(frames) - length + 1, length)]
 
 
 def fvd_clip(clip: np.ndarray) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Score one talking video: offline lip sync against its audio, the binding of several audio streams to the persons,
-identity against a reference image, mouth-landmark distance to a ground-truth video, and SyncNet's Sync-C/Sync-D
-with configured weights.
+identity against a reference image, mouth-landmark distance (and FID / FVD with configured Inception / I3D
+weights) to a ground-truth video, and SyncNet's Sync-C/Sync-D with configured weights.
 
     python -m evaluation.score --video V.mp4 [--audio A ...] [--reference-image I.png] [--ground-truth G.mp4]
-        [--syncnet-weights syncnet_v2.model] --json
+        [--syncnet-weights syncnet_v2.model] [--inception-weights inception.pt] [--i3d-weights i3d.pt] --json
 
 The last line of the output is one JSON object (see `score_video`). An unreadable input, or a video without a
 face, exits with code 2 and a message naming the file.
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.binding import bind, binding_matrix
+from evaluation.frechet import FVD_CLIP_FRAMES, fid, fvd, load_detector, video_clips
 from evaluation.identity import identity_scores
 from evaluation.landmarks import FaceTracks, NoFaceError, detect_faces, face_tracks, landmark_distance, mouth_motion
 from evaluation.lipsync import speech_signal, sync_score
@@ -63,6 +64,8 @@ def score_video(
     ground_truth: PathLike | None = None,
     syncnet_weights: PathLike | None = None,
     max_offset: int = 3,
+    inception_weights: PathLike | None = None,
+    i3d_weights: PathLike | None = None,
 ) -> dict:
     """Every metric the inputs allow, as a nested dict of plain numbers and lists:
 
@@ -71,10 +74,13 @@ def score_video(
     - `binding` (two or more audio streams): `matrix` [persons][streams], `assignment` (stream per person, left to
       right), `accuracy` (share of persons given their own stream, stream i for person i);
     - `identity` (with `reference_image`), `lmd` (with `ground_truth`), `syncnet` {sync_c, sync_d, offset} (with
-      `syncnet_weights`).
+      `syncnet_weights`), `fid` (with `ground_truth` and `inception_weights`: the video's frames against the ground
+      truth's) and `fvd` (with `ground_truth` and `i3d_weights`: their 16-frame clips, StyleGAN-V protocol).
 
     `audio` are audio files or videos (their track is used); by default the video's own track.
     """
+    if (inception_weights is not None or i3d_weights is not None) and ground_truth is None:
+        raise ScoreInputError("FID and FVD compare with a ground-truth video: give --ground-truth")
     frames = _frames(video)
     streams = [_speech(path) for path in audio] if audio else [_speech(video)]
     tracks = _tracks(video, frames, len(streams) if len(streams) >= 2 else None)
@@ -111,9 +117,17 @@ def score_video(
     if reference_image is not None:
         scores["identity"] = _identity(reference_image, frames, tracks)
     if ground_truth is not None:
-        truth = _tracks(ground_truth, _frames(ground_truth), tracks.num_persons)
+        truth_frames = _frames(ground_truth)
+        truth = _tracks(ground_truth, truth_frames, tracks.num_persons)
         length = min(len(frames), truth.landmarks.shape[1])
         scores["lmd"] = landmark_distance(tracks.landmarks[:, :length], truth.landmarks[:, :length])
+        if inception_weights is not None:
+            scores["fid"] = fid(_detector(inception_weights), truth_frames, frames)
+        if i3d_weights is not None:
+            real, generated = video_clips(truth_frames), video_clips(frames)
+            if min(len(real), len(generated)) < 2:
+                raise ScoreInputError(f"FVD needs two or more {FVD_CLIP_FRAMES}-frame clips of each video")
+            scores["fvd"] = fvd(_detector(i3d_weights), real, generated)
     if syncnet_weights is not None:
         try:
             model = load_syncnet(syncnet_weights)
@@ -128,6 +142,13 @@ def score_video(
             "per_stream": [{"sync_c": r.sync_c, "sync_d": r.sync_d, "offset": r.offset} for r in results],
         }
     return scores
+
+
+def _detector(path: PathLike):
+    try:
+        return load_detector(path)
+    except ValueError as error:
+        raise ScoreInputError(str(error)) from error
 
 
 def _identity(path: PathLike, frames: np.ndarray, tracks: FaceTracks) -> dict:
@@ -148,12 +169,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference-image", type=Path, help="the image the video was generated from (identity)")
     parser.add_argument("--ground-truth", type=Path, help="the real video the generated one should match (LMD)")
     parser.add_argument("--syncnet-weights", type=Path, help="syncnet_python's syncnet_v2.model (Sync-C, Sync-D)")
+    parser.add_argument("--inception-weights", type=Path, help="Inception TorchScript (FID against --ground-truth)")
+    parser.add_argument("--i3d-weights", type=Path, help="StyleGAN-V I3D TorchScript (FVD against --ground-truth)")
     parser.add_argument("--max-offset", type=int, default=3, help="largest audio-video offset searched, frames")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args(argv)
     try:
         scores = score_video(
-            args.video, args.audio, args.reference_image, args.ground_truth, args.syncnet_weights, args.max_offset
+            args.video,
+            args.audio,
+            args.reference_image,
+            args.ground_truth,
+            args.syncnet_weights,
+            args.max_offset,
+            args.inception_weights,
+            args.i3d_weights,
         )
     except ScoreInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -29,11 +29,12 @@ def test_each_mouth_binds_to_the_stream_it_moves_with():
     turns = np.repeat(np.arange(6) % 2, 25)  # person 0 speaks in even seconds, person 1 in odd ones
     waves = [rng.normal(size=150 * SAMPLES_PER_FRAME) * np.repeat(turns == p, SAMPLES_PER_FRAME) for p in range(2)]
     speech = np.stack([speech_signal(wave, 150) for wave in waves])
-    mouths = speech + 0.3 * rng.normal(size=speech.shape)
+    # Lip speeds (interocular distances per frame): fast while the person speaks, landmark jitter otherwise.
+    mouths = np.where(turns == np.arange(2)[:, None], 0.03, 0.003) * np.exp(0.3 * rng.normal(size=(2, 150)))
 
     in_order = bind(binding_matrix(mouths, speech))
     swapped = bind(binding_matrix(mouths, speech[::-1]))
 
     assert in_order.assignment == [0, 1] and in_order.accuracy == 1.0
     assert swapped.assignment == [1, 0] and swapped.accuracy == 0.0
-    assert np.all(np.diag(in_order.matrix) > 0.8) and np.all(np.diag(in_order.matrix[:, ::-1]) < 0)
+    assert np.all(np.diag(in_order.matrix) > 0.3) and np.all(np.diag(in_order.matrix[:, ::-1]) < 0)

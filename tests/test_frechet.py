@@ -61,7 +61,7 @@ def test_sampled_gaussians_approach_the_closed_form():
     assert frechet_distance(*gaussian_stats(generated), *gaussian_stats(real)) == pytest.approx(6.0, rel=0.03)
 
 
-class _TinyI3D(torch.nn.Module):
+class TinyI3D(torch.nn.Module):
     """A random stand-in with the StyleGAN-V I3D TorchScript's call signature."""
 
     def __init__(self):
@@ -72,7 +72,7 @@ class _TinyI3D(torch.nn.Module):
         return torch.tanh(self.conv(x)).mean(dim=(2, 3, 4))
 
 
-class _TinyInception(torch.nn.Module):
+class TinyInception(torch.nn.Module):
     """A random stand-in with the StyleGAN2-ADA Inception TorchScript's call signature (uint8 images in)."""
 
     def __init__(self):
@@ -117,8 +117,8 @@ def _styleganv_fvd(detector, real, generated):
 
 def test_fvd_and_fid_through_random_torchscript_networks_loaded_from_paths(tmp_path):
     torch.manual_seed(0)
-    torch.jit.script(_TinyI3D()).save(str(tmp_path / "i3d.pt"))
-    torch.jit.script(_TinyInception()).save(str(tmp_path / "inception.pt"))
+    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    torch.jit.script(TinyInception()).save(str(tmp_path / "inception.pt"))
     rng = np.random.default_rng(3)
     real = [rng.integers(0, 256, size=(4, 40, 56, 3), dtype=np.uint8) for _ in range(9)]
     generated = [np.clip(clip.astype(int) + 60, 0, 255).astype(np.uint8) for clip in real[:8]]

@@ -75,11 +75,14 @@ def test_offline_score_finds_a_known_lag_between_mouth_and_speech(lag):
     rng = np.random.default_rng(1)
     wave = (rng.normal(size=100 * SAMPLES_PER_FRAME) * np.repeat(rng.random(100) > 0.5, SAMPLES_PER_FRAME)) * 0.1
     speech = speech_signal(wave, 100)
-    mouth = np.roll(speech, lag) + 0.05 * rng.normal(size=100)  # the mouth of frame t + lag says frame t
+    # The lips of frame t + lag move as fast as frame t's sound rises, falls and changes (a speed: positive, in
+    # interocular distances).
+    activity = ((speech - speech.mean(axis=1, keepdims=True)) / speech.std(axis=1, keepdims=True)).sum(axis=0)
+    mouth = 0.02 * np.exp(np.roll(activity, lag) / 2 + 0.05 * rng.normal(size=100))
 
     score = sync_score(mouth, speech, max_offset=3)
 
-    assert score.offset_frames == lag and score.confidence > 0.9
+    assert score.offset_frames == lag and score.confidence > 0.4
 
 
 def test_offline_score_ranks_the_own_audio_above_another_videos(shared_media):

@@ -1,5 +1,6 @@
-"""`python -m evaluation.score`: the JSON contract, binding of the real conversation's two halves to its two persons,
-and clear errors (exit code 2, the file named) for unreadable inputs and videos without a face."""
+"""`python -m evaluation.score`: the JSON contract (FID / FVD / LMD against a ground truth included), binding of the
+real conversation's two halves to its two persons, and clear errors (exit code 2, the file named) for unreadable
+inputs and videos without a face."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
+from evaluation.frechet import fid, fvd, load_detector, video_clips
 from evaluation.score import ScoreInputError, score_video
 from multitalk_model.audio import load_speech
 from multitalk_model.media import read_video_frames, write_video
+from tests.test_frechet import TinyI3D, TinyInception
 
 ROOT = Path(__file__).resolve().parents[1]
 TURN_S = 5.04  # conversation_left_then_right.mp4: the left person speaks before, the right one after
@@ -85,3 +89,25 @@ def test_unreadable_inputs_and_faceless_videos_exit_2_naming_the_file(conversati
     assert missing_audio.returncode == 2 and "none.wav" in missing_audio.stderr
     with pytest.raises(ScoreInputError, match="faceless.mp4: no frame shows"):
         score_video(faceless)
+
+
+def test_the_command_adds_fid_fvd_and_lmd_against_a_ground_truth_with_configured_weights(conversation, tmp_path):
+    torch.manual_seed(0)
+    torch.jit.script(TinyInception()).save(str(tmp_path / "inception.pt"))
+    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    frames = read_video_frames(conversation["video"])
+    truth = write_video(tmp_path / "truth.mp4", np.clip(frames.astype(int) + 40, 0, 255).astype(np.uint8), 25)
+
+    result = _run_cli("--video", str(conversation["video"]), "--ground-truth", str(truth), "--inception-weights",
+                      str(tmp_path / "inception.pt"), "--i3d-weights", str(tmp_path / "i3d.pt"), "--json")  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    truth_frames = read_video_frames(truth)
+    inception, i3d = load_detector(tmp_path / "inception.pt"), load_detector(tmp_path / "i3d.pt")
+    assert scores["fid"] == pytest.approx(fid(inception, truth_frames, frames), rel=1e-6) and scores["fid"] > 0
+    expected_fvd = fvd(i3d, video_clips(truth_frames), video_clips(frames))
+    assert scores["fvd"] == pytest.approx(expected_fvd, rel=1e-6) and scores["fvd"] > 0
+    assert 0 <= scores["lmd"] < 5  # the same mouths, a little brighter: a few percent of the eye distance at most
+    without_truth = _run_cli("--video", str(conversation["video"]), "--i3d-weights", str(tmp_path / "i3d.pt"))
+    assert without_truth.returncode == 2 and "--ground-truth" in without_truth.stderr

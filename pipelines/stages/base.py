@@ -12,6 +12,7 @@ from typing import ClassVar
 import av
 import numpy as np
 
+from evaluation.landmarks import landmarks_68, mouth_motion
 from multitalk_model.media import read_video_frames
 from pipelines.record import Clip
 from pipelines.schema import SAMPLE_FPS, RejectReason
@@ -57,3 +58,11 @@ def clip_frames(clip: Clip, start_frame: int = 0, num_frames: int | None = None)
         path.write_bytes(clip.mp4)
         count = clip.num_frames - start_frame if num_frames is None else num_frames
         return read_video_frames(path, SAMPLE_FPS, start_frame / SAMPLE_FPS, count)
+
+
+def lip_motion(clip: Clip) -> np.ndarray:
+    """[P, T] each person's lip speed (dlib landmarks, `evaluation.landmarks.mouth_motion`) on the clip's frames:
+    fitted once, by the first stage that asks (speakers), and kept on the clip for the next (sync)."""
+    if clip.lip_motion is None:
+        clip.lip_motion = mouth_motion(landmarks_68(clip_frames(clip), clip.tracks))
+    return clip.lip_motion

@@ -1,5 +1,5 @@
 """Stage 3: face detection every few frames, IoU tracks interpolated over the clip, per-kind face filters, and
-each person's mouth-region motion (what speech is later bound to)."""
+each person's mouth-region motion (the clip's motion score)."""
 
 from __future__ import annotations
 

@@ -88,4 +88,4 @@ class SampleStage(Stage):
                 sample[person_audio_key(p)] = _flac_bytes(wave)
         clip.sample = sample
         # Only the members travel on to the shard writer.
-        clip.mp4 = clip.audio = clip.person_audio = clip.wav2vec = clip.mouth_motion = None
+        clip.mp4 = clip.audio = clip.person_audio = clip.wav2vec = clip.mouth_motion = clip.lip_motion = None

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from evaluation.binding import bind, binding_matrix
-from evaluation.landmarks import landmarks_68, mouth_motion
 from evaluation.lipsync import speech_signal, sync_score
 from evaluation.syncnet import SyncNet, load_syncnet, syncnet_score
 from pipelines.config import CurationConfig
 from pipelines.record import Clip
 from pipelines.schema import RejectReason
-from pipelines.stages.base import Stage, clip_frames
+from pipelines.stages.base import Stage, clip_frames, lip_motion
 
 
 class SyncStage(Stage):
@@ -23,7 +22,7 @@ class SyncStage(Stage):
     clips below the threshold. An actor holding the model when SyncNet is configured, a light task otherwise."""
 
     name = "sync"
-    num_cpus = 1.0  # decoding the clip and fitting landmarks: a core; SyncNet actors take the sync config's
+    num_cpus = 0.5  # the speakers stage fitted the landmarks: light signal work; SyncNet actors take the config's
 
     def __init__(self, config: CurationConfig) -> None:
         self.config = config.sync
@@ -47,8 +46,7 @@ class SyncStage(Stage):
             clip.reject(self.name, RejectReason.LOW_SYNC, f"sync scores {[round(s, 2) for s in clip.sync_confidence]}")
 
     def _landmarks(self, clip: Clip) -> None:
-        frames = clip_frames(clip)
-        motion = mouth_motion(landmarks_68(frames, clip.tracks))
+        motion = lip_motion(clip)
         streams = [clip.audio] if len(clip.tracks) == 1 else list(clip.person_audio)
         speech = np.stack([speech_signal(stream, clip.num_frames) for stream in streams])
         max_offset = self.config.max_offset_frames
