@@ -1,4 +1,5 @@
-"""Helpers several test modules share: a local Ray, pause gates, free ports, transformer inputs, headless Chromium."""
+"""Helpers several test modules share: a local Ray, pause gates, free ports, transformer inputs, headless Chromium,
+random stand-ins of the FID/FVD feature networks."""
 
 from __future__ import annotations
 
@@ -172,3 +173,35 @@ class Chromium:
         self.socket.close()
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+class TinyI3D(torch.nn.Module):
+    """A random stand-in with the StyleGAN-V I3D TorchScript's call signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 6, kernel_size=(2, 8, 8), stride=(1, 8, 8))
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        return torch.tanh(self.conv(x)).mean(dim=(2, 3, 4))
+
+
+class TinyInception(torch.nn.Module):
+    """A random stand-in with the StyleGAN2-ADA Inception TorchScript's call signature (uint8 images in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
+
+
+def save_random_feature_networks(directory: Path) -> dict[str, str]:
+    """Random TorchScript Inception (FID) and I3D (FVD) stand-ins saved in `directory`, keyed as the evaluation
+    config names their paths."""
+    torch.manual_seed(0)
+    paths = {"inception_path": str(Path(directory) / "inception.pt"), "i3d_path": str(Path(directory) / "i3d.pt")}
+    torch.jit.script(TinyInception()).save(paths["inception_path"])
+    torch.jit.script(TinyI3D()).save(paths["i3d_path"])
+    return paths

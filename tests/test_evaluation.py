@@ -45,7 +45,7 @@ from pipelines.schema import MANIFEST_FILE
 from pipelines.schema import REPORT_FILE as CURATION_REPORT
 from pipelines.schema import SUMMARY_FILE as CURATION_SUMMARY
 from pipelines.sink import TEST_DIR
-from tests.test_frechet import _TinyI3D, _TinyInception
+from tests.helpers import save_random_feature_networks
 from training.config import EvaluationSettings, ModelConfig
 from training.config import load_config as load_training_config
 from training.data import _list_shards
@@ -90,11 +90,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def feature_networks(tmp_path_factory) -> dict[str, str]:
     """Random TorchScript stand-ins of the Inception (FID) and I3D (FVD) networks, as the metrics config names them."""
-    root = tmp_path_factory.mktemp("networks")
-    torch.manual_seed(0)
-    torch.jit.script(_TinyInception()).save(str(root / "inception.pt"))
-    torch.jit.script(_TinyI3D()).save(str(root / "i3d.pt"))
-    return {"inception_path": str(root / "inception.pt"), "i3d_path": str(root / "i3d.pt")}
+    return save_random_feature_networks(tmp_path_factory.mktemp("networks"))
 
 
 def _write_config(

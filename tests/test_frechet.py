@@ -12,6 +12,7 @@ from scipy import linalg
 from torch.nn import functional as F
 
 from evaluation.frechet import fid, frechet_distance, fvd, gaussian_stats, load_detector
+from tests.helpers import save_random_feature_networks
 
 
 def _pytorch_fid_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -61,28 +62,6 @@ def test_sampled_gaussians_approach_the_closed_form():
     assert frechet_distance(*gaussian_stats(generated), *gaussian_stats(real)) == pytest.approx(6.0, rel=0.03)
 
 
-class TinyI3D(torch.nn.Module):
-    """A random stand-in with the StyleGAN-V I3D TorchScript's call signature."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(3, 6, kernel_size=(2, 8, 8), stride=(1, 8, 8))
-
-    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
-        return torch.tanh(self.conv(x)).mean(dim=(2, 3, 4))
-
-
-class TinyInception(torch.nn.Module):
-    """A random stand-in with the StyleGAN2-ADA Inception TorchScript's call signature (uint8 images in)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
-
-
 def _styleganv_fvd(detector, real, generated):
     """common_metrics_on_video_quality fvd/styleganv/fvd.py (StyleGAN-V's frechet_video_distance.py): videos BCTHW
     in [0, 1], preprocess_single, get_feats, frechet_distance; the golden."""
@@ -116,9 +95,7 @@ def _styleganv_fvd(detector, real, generated):
 
 
 def test_fvd_and_fid_through_random_torchscript_networks_loaded_from_paths(tmp_path):
-    torch.manual_seed(0)
-    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
-    torch.jit.script(TinyInception()).save(str(tmp_path / "inception.pt"))
+    save_random_feature_networks(tmp_path)
     rng = np.random.default_rng(3)
     real = [rng.integers(0, 256, size=(4, 40, 56, 3), dtype=np.uint8) for _ in range(9)]
     generated = [np.clip(clip.astype(int) + 60, 0, 255).astype(np.uint8) for clip in real[:8]]

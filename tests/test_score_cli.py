@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from evaluation.frechet import fid, fvd, load_detector, video_clips
 from evaluation.score import ScoreInputError, score_video
 from multitalk_model.audio import load_speech
 from multitalk_model.media import read_video_frames, write_video
-from tests.test_frechet import TinyI3D, TinyInception
+from tests.helpers import save_random_feature_networks
 
 ROOT = Path(__file__).resolve().parents[1]
 TURN_S = 5.04  # conversation_left_then_right.mp4: the left person speaks before, the right one after
@@ -92,9 +91,7 @@ def test_unreadable_inputs_and_faceless_videos_exit_2_naming_the_file(conversati
 
 
 def test_the_command_adds_fid_fvd_and_lmd_against_a_ground_truth_with_configured_weights(conversation, tmp_path):
-    torch.manual_seed(0)
-    torch.jit.script(TinyInception()).save(str(tmp_path / "inception.pt"))
-    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    save_random_feature_networks(tmp_path)
     frames = read_video_frames(conversation["video"])
     truth = write_video(tmp_path / "truth.mp4", np.clip(frames.astype(int) + 40, 0, 255).astype(np.uint8), 25)
 
