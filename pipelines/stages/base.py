@@ -15,6 +15,7 @@ import numpy as np
 from multitalk_model.media import read_video_frames
 from pipelines.record import Clip
 from pipelines.schema import SAMPLE_FPS, RejectReason
+from platform_common.pause import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Stage:
                 logger.warning("%s: %s rejected %s: %s", self.name, clip.source, clip.clip_id, error)
                 clip.reject(self.name, RejectReason.ERROR, f"{type(error).__name__}: {error}")
             add_stage_time(clip, self.name, time.perf_counter() - started)
+            pause_point(f"curation-after-{self.name}")
         return {"clip": clip}
 
     def process(self, clip: Clip) -> None:
