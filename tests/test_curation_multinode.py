@@ -10,14 +10,15 @@ only on the CPU node. The output goes to one folder every node sees, as a cluste
 Checked: the model actors ran on the pinned node (Ray's state API); the output equals a run of the same stages in
 one process (same clips, scores up to float noise, same rejects); and with the CPU node removed while it holds a
 clip mid-task (held at the `curation-after-sync` pause point: sync is the last stage only that node can run, so the
-clips before it go on to their shards) and one shard already committed, the driver goes on, its lost tasks retried
-on a fresh node: every clip once, no partial shard, the committed shard untouched.
+clips let past it go on to their shards) and one shard already committed, the driver goes on, its lost tasks
+retried on a fresh node: every clip once, no partial shard, the committed shard untouched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,12 @@ import webdataset as wds
 import yaml
 
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
-from pipelines.config import load_config
+from pipelines.config import CurationConfig, load_config
 from pipelines.curate import run
 from pipelines.schema import MANIFEST_FILE, REJECTS_FILE
+from platform_common.config import read_config
 from tests.helpers import PauseGate, free_port
-
-pytestmark = pytest.mark.slow
+from tests.test_cluster_chain import _commands
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_NODE = "gpu_node"  # the custom resource only the GPU-like node declares (rayjob-curate.yaml: the GPU pods)
@@ -145,6 +146,7 @@ def _node_of_worker(address: str, pid: int) -> str:
     return worker.node_id
 
 
+@pytest.mark.slow
 def test_model_actors_run_on_the_pinned_node_and_the_output_equals_one_process(cluster, config_path, one_process):
     from ray.util.state import list_actors
 
@@ -163,6 +165,7 @@ def test_model_actors_run_on_the_pinned_node_and_the_output_equals_one_process(c
     _assert_same_corpus(output, one_process)
 
 
+@pytest.mark.slow
 def test_a_node_lost_mid_clip_is_replaced_and_every_clip_lands_once(cluster, config_path, one_process, tmp_path):
     """Runs last: it removes the CPU node (a fresh one joins, as KubeRay replaces a lost pod)."""
     ray_cluster, nodes = cluster
@@ -177,9 +180,12 @@ def test_a_node_lost_mid_clip_is_replaced_and_every_clip_lands_once(cluster, con
     alive = lambda: process.poll() is None  # noqa: E731
     try:
         try:
-            (first,) = gate.wait_reached(SYNC_PAUSE, alive=alive)
-            gate.let_through(SYNC_PAUSE, first)
-            gate.wait_reached(SHARD_PAUSE, alive=alive)  # the driver committed that clip's shard
+            # Two clips go on: the driver reads results one ahead (Ray Data prefetches the next block), so it
+            # commits the first clip's shard once the second's is written too.
+            for _ in range(2):
+                (going,) = gate.wait_reached(SYNC_PAUSE, alive=alive)
+                gate.let_through(SYNC_PAUSE, going)
+            gate.wait_reached(SHARD_PAUSE, alive=alive)  # the driver committed a shard
             (held,) = gate.wait_reached(SYNC_PAUSE, alive=alive)  # the next clip, its sync task not done
             committed = {path: path.read_bytes() for path in _shards(output)}
             assert len(committed) == 1, log.read_text()[-3000:]
@@ -199,3 +205,30 @@ def test_a_node_lost_mid_clip_is_replaced_and_every_clip_lands_once(cluster, con
     _assert_same_corpus(output, one_process)
     for path, data in committed.items():
         assert path.read_bytes() == data
+
+
+def _declared_resources(group: dict) -> dict[str, float]:
+    """The custom resources a KubeRay group's pods declare (`rayStartParams.resources`, a shell-quoted JSON)."""
+    value = group.get("rayStartParams", {}).get("resources")
+    return json.loads(shlex.split(value)[0]) if value else {}
+
+
+def test_the_cluster_curation_pins_every_gpu_model_to_the_gpu_pods():
+    manifest = yaml.safe_load((REPO / "infra" / "kuberay" / "rayjob-curate.yaml").read_text())
+    spec = manifest["spec"]["rayClusterSpec"]
+    groups = {"head": spec["headGroupSpec"], **{group["groupName"]: group for group in spec["workerGroupSpecs"]}}
+    gpu_groups = {
+        name
+        for name, group in groups.items()
+        if any("nvidia.com/gpu" in c["resources"]["limits"] for c in group["template"]["spec"]["containers"])
+    }
+    assert gpu_groups
+
+    for _, config_path in _commands(manifest):
+        config = read_config(config_path, CurationConfig)
+        for section in (config.sync, config.asr, config.wav2vec, config.captions):
+            assert section.num_gpus > 0 and section.resources, config_path.name
+            holders = {
+                name for name, group in groups.items() if section.resources.keys() <= _declared_resources(group).keys()
+            }
+            assert holders == gpu_groups, f"{config_path.name}: {section.resources} is declared by {holders}"
