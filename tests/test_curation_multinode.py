@@ -4,8 +4,9 @@ free, and a node that dies with work in hand.
 `ray.cluster_utils.Cluster` starts a head of no CPUs (as the KubeRay head: the driver commits shards, no stage runs
 there), a CPU node (127.0.0.2) and a GPU-like node (127.0.0.3) that declares the custom resource the config's model
 stages ask for (`faces.resources`, `wav2vec.resources`), as the GPU pods of infra/kuberay/rayjob-curate.yaml. The
-GPU-like node's CPUs left over by its actors take the light tasks; the 1-CPU tasks (probe, shots, clip, sync) fit
-only on the CPU node. The output goes to one folder every node sees, as a cluster's shared volume.
+GPU-like node's CPUs left by its actors, under one CPU even when the face detectors are done, take the light
+tasks; the 1-CPU tasks (probe, shots, clip, sync) fit only on the CPU node. The output goes to one folder every node
+sees, as a cluster's shared volume.
 
 Checked: the model actors ran on the pinned node (Ray's state API); the output equals a run of the same stages in
 one process (same clips, scores up to float noise, same rejects); and with the CPU node removed while it holds a
@@ -85,11 +86,11 @@ def config_path(shared_media, tmp_path_factory) -> Path:
     config = {
         "input": str(work / "inputs.jsonl"),
         "clips": {"frame_num": 33},
-        # The GPU-like node's 2 CPUs: 1.5 for its actors, 0.5 for light tasks (audio, speakers, sample, write).
-        "faces": {"detect_every": 10, "num_cpus": 1, "resources": pinned},
+        # The GPU-like node's 2 CPUs: 1.5 for its actors, 0.5 (0.75 once the faces pool is done) for light tasks.
+        "faces": {"detect_every": 10, "num_cpus": 0.25, "resources": pinned},
         "wav2vec": {
             "model_path": str(build_tiny_wav2vec2(work / "wav2vec2")),
-            "num_cpus": 0.5,
+            "num_cpus": 1.25,
             "batch_size": 1,
             "resources": pinned,
         },
@@ -142,7 +143,7 @@ def _assert_same_corpus(output: Path, reference: Path) -> None:
 def _node_of_worker(address: str, pid: int) -> str:
     from ray.util.state import list_workers
 
-    (worker,) = list_workers(address=address, filters=[("pid", "=", pid)], detail=True)
+    (worker,) = [worker for worker in list_workers(address=address, filters=[("pid", "=", pid)]) if worker.is_alive]
     return worker.node_id
 
 
