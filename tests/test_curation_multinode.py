@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import webdataset as wds
 import yaml
 
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
-from pipelines.config import CurationConfig, load_config
+from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.curate import run
 from pipelines.schema import MANIFEST_FILE, REJECTS_FILE
 from platform_common.config import read_config
@@ -236,3 +237,24 @@ def test_the_cluster_curation_pins_every_gpu_model_to_the_gpu_pods():
                 name for name, group in groups.items() if section.resources.keys() <= _declared_resources(group).keys()
             }
             assert holders == gpu_groups, f"{config_path.name}: {section.resources} is declared by {holders}"
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"GPU": 1}, "sync.resources: Value error, GPU is not a custom resource (num_cpus / num_gpus set it)"),
+        ({"gpu_node": 0}, "sync.resources.gpu_node: Input should be greater than 0"),
+    ],
+)
+def test_a_model_stage_asks_only_for_custom_resources(tmp_path, resources, message):
+    path = tmp_path / "config.yaml"
+    config = {
+        "input": "in",
+        "output": "out",
+        "wav2vec": {"model_path": str(tmp_path)},
+        "sync": {"resources": resources},
+    }
+    path.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
