@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from multitalk_model.config import check_clip_frames
 from multitalk_model.regions import FaceDetectorKind
@@ -33,6 +33,29 @@ WHISPERX_REQUIREMENTS = (
     "transformers==4.57.6",
     "huggingface-hub==0.36.2",
 )
+
+
+# Ray's own resources, which the sections' num_cpus / num_gpus set: not custom resources.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    for name in resources:
+        if name in _BUILTIN_RESOURCES:
+            raise ValueError(f"{name} is not a custom resource (num_cpus / num_gpus set it)")
+    return resources
+
+
+# Custom Ray resources per model actor: a resource that only one node type declares (the GPU pods' `gpu_node`) pins
+# the actor pool to nodes of that type (pipelines/README.md, "Placement"). The CPU tasks ask for none: any node.
+ActorResources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_custom_resources)]
+
+
+def _actor_resources_field() -> Any:
+    return Field(
+        default_factory=dict,
+        description="custom Ray resources per actor; one that only a node type has pins the actors there (gpu_node: 1)",
+    )
 
 
 class ClipsConfig(ConfigSection):
@@ -63,6 +86,7 @@ class FacesConfig(ConfigSection):
     min_stability: float = Field(default=0.5, ge=0, le=1, description="smallest mean IoU of a track between detections")
     num_actors: int = Field(default=1, ge=1, description="face detector actors")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per face detector actor")
+    resources: ActorResources = _actor_resources_field()
 
 
 class AudioConfig(ConfigSection):
@@ -96,6 +120,7 @@ class SyncConfig(ConfigSection):
     num_actors: int = Field(default=1, ge=1, description="SyncNet actors")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per SyncNet actor")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per SyncNet actor (0: run on CPU)")
+    resources: ActorResources = _actor_resources_field()
 
 
 class AsrConfig(ConfigSection):
@@ -107,6 +132,7 @@ class AsrConfig(ConfigSection):
     num_actors: int = Field(default=1, ge=1, description="ASR actors")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per ASR actor")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per ASR actor (0: run on CPU)")
+    resources: ActorResources = _actor_resources_field()
     whisperx: bool = Field(
         default=False, description="whisperx (ASR + alignment + diarization) in its own runtime env, not faster-whisper"
     )
@@ -141,6 +167,7 @@ class CaptionsConfig(ConfigSection):
     num_actors: int = Field(default=1, ge=1, description="captioner actors")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per captioner actor")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per captioner actor (0: run on CPU)")
+    resources: ActorResources = _actor_resources_field()
 
 
 class Wav2VecConfig(ConfigSection):
@@ -149,6 +176,7 @@ class Wav2VecConfig(ConfigSection):
     num_actors: int = Field(default=1, ge=1, description="wav2vec2 actors")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per wav2vec2 actor")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per wav2vec2 actor (0: run on CPU)")
+    resources: ActorResources = _actor_resources_field()
 
 
 class ShardsConfig(ConfigSection):

@@ -34,7 +34,7 @@ def run(config: CurationConfig, serial: bool = False, seconds_by_step: dict[str,
         connect_ray(config.ray_address, config.local_num_cpus)
     if config.asr.whisperx:
         # Before any clip is decoded: a run whose whisperx env cannot be built fails now, saying why.
-        version = check_whisperx_env(whisperx_runtime_env(config.asr))
+        version = check_whisperx_env(whisperx_runtime_env(config.asr), config.asr.resources)
         logger.info("whisperx %s imports in its runtime env", version)
     sink = CorpusSink(config.output)
     # The held-out split, when the config sets one aside: its own shards and manifest, committed beside the corpus.

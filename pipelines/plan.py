@@ -39,6 +39,7 @@ class Step:
     fan_out: bool = False  # one record in, a list of records out
     batch_size: int = 0  # > 0: called on batches of this many records ({"clip": object array})
     runtime_env: dict | None = None
+    resources: dict[str, float] | None = None  # custom Ray resources per actor: where the pool may run
 
     @property
     def name(self) -> str:
@@ -52,29 +53,24 @@ def curation_steps(config: CurationConfig, done_clip_ids: frozenset[str]) -> lis
         Step(ProbeStage, with_config, ProbeStage.num_cpus),
         Step(ShotStage, {**with_config, "done_clip_ids": done_clip_ids}, ShotStage.num_cpus, fan_out=True),
         Step(ClipStage, with_config, ClipStage.num_cpus),
-        Step(FaceStage, with_config, config.faces.num_cpus, actors=config.faces.num_actors),
+        _actor_pool(FaceStage, config.faces, with_config),
         Step(AudioStage, with_config, AudioStage.num_cpus),
         Step(SpeakerStage, with_config, SpeakerStage.num_cpus),
     ]
     sync = config.sync
     if sync.syncnet_path:
-        steps.append(Step(SyncStage, with_config, sync.num_cpus, sync.num_gpus, actors=sync.num_actors))
+        steps.append(_actor_pool(SyncStage, sync, with_config))
     else:
         steps.append(Step(SyncStage, with_config, SyncStage.num_cpus))
     asr = config.asr
     if asr.whisperx:
-        runtime_env = whisperx_runtime_env(asr)
-        steps.append(
-            Step(WhisperXStage, with_config, asr.num_cpus, asr.num_gpus, asr.num_actors, runtime_env=runtime_env)
-        )
+        steps.append(_actor_pool(WhisperXStage, asr, with_config, runtime_env=whisperx_runtime_env(asr)))
     elif asr.model_path:
-        steps.append(Step(AsrStage, with_config, asr.num_cpus, asr.num_gpus, actors=asr.num_actors))
-    wav2vec = config.wav2vec
-    batching = {"actors": wav2vec.num_actors, "batch_size": wav2vec.batch_size}
-    steps.append(Step(Wav2VecStage, with_config, wav2vec.num_cpus, wav2vec.num_gpus, **batching))
+        steps.append(_actor_pool(AsrStage, asr, with_config))
+    steps.append(_actor_pool(Wav2VecStage, config.wav2vec, with_config, batch_size=config.wav2vec.batch_size))
     captions = config.captions
     if captions.model_path:
-        steps.append(Step(CaptionStage, with_config, captions.num_cpus, captions.num_gpus, actors=captions.num_actors))
+        steps.append(_actor_pool(CaptionStage, captions, with_config))
     else:
         steps.append(Step(CaptionStage, with_config, CaptionStage.num_cpus))
     steps.append(Step(SampleStage, {}, SampleStage.num_cpus))
@@ -89,6 +85,13 @@ def curation_steps(config: CurationConfig, done_clip_ids: frozenset[str]) -> lis
     return steps
 
 
+def _actor_pool(stage: type, section, kwargs: dict, **options) -> Step:
+    """A model stage's actor pool as its config section sizes and places it (num_actors, num_cpus, num_gpus when the
+    model can use one, resources)."""
+    num_gpus = getattr(section, "num_gpus", 0.0)  # the face detector has no GPU setting
+    return Step(stage, kwargs, section.num_cpus, num_gpus, section.num_actors, resources=section.resources, **options)
+
+
 def to_dataset(steps: list[Step], inputs: list[dict]) -> ray.data.Dataset:
     """The Ray Data graph of `steps` over input records; its rows are the shard writer's results."""
     # The `clip` column holds Clip objects: say that pickling them is intended (Ray warns on every block otherwise).
@@ -100,6 +103,8 @@ def to_dataset(steps: list[Step], inputs: list[dict]) -> ray.data.Dataset:
             options["num_gpus"] = step.num_gpus
         if step.runtime_env:
             options["runtime_env"] = step.runtime_env
+        if step.resources:
+            options["resources"] = step.resources
         if step.actors:
             fn = step.stage
             options.update(fn_constructor_kwargs=step.kwargs, compute=ray.data.ActorPoolStrategy(size=step.actors))

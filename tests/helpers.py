@@ -50,8 +50,12 @@ class PauseGate:
     def release(self, name: str) -> None:
         (self.directory / f"{name}.hold").unlink(missing_ok=True)
 
+    def let_through(self, name: str, pid: int) -> None:
+        """Lets one held process go on; the point stays held for the others and for its next arrival."""
+        (self.directory / f"{name}.{pid}.reached").unlink()
+
     def reached(self, name: str) -> list[int]:
-        """The process ids held at the point (or that passed it while held)."""
+        """The process ids held at the point (or that passed it when it was released)."""
         return sorted(int(path.name.split(".")[-2]) for path in self.directory.glob(f"{name}.*.reached"))
 
     def wait_reached(self, name: str, count: int = 1, alive=lambda: True, limit_s: float = 400) -> list[int]:

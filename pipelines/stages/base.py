@@ -16,6 +16,7 @@ from evaluation.landmarks import landmarks_68, mouth_motion
 from multitalk_model.media import read_video_frames
 from pipelines.record import Clip
 from pipelines.schema import SAMPLE_FPS, RejectReason
+from platform_common.pause import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Stage:
                 logger.warning("%s: %s rejected %s: %s", self.name, clip.source, clip.clip_id, error)
                 clip.reject(self.name, RejectReason.ERROR, f"{type(error).__name__}: {error}")
             add_stage_time(clip, self.name, time.perf_counter() - started)
+            pause_point(f"curation-after-{self.name}")
         return {"clip": clip}
 
     def process(self, clip: Clip) -> None:

@@ -39,7 +39,7 @@ class ProbeStage(Stage):
         needs_audio = clip.kind != "multi_event"  # the image-to-video task trains without audio
         if not info.has_audio:
             if needs_audio:
-                clip.reject(self.name, RejectReason.NO_AUDIO_TRACK, f"{path}: no audio stream")
+                clip.reject(self.name, RejectReason.NO_AUDIO_TRACK, f"{clip.source}: no audio stream")
             return
         try:
             clip.source_audio = load_speech(path)

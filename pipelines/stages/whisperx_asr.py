@@ -51,14 +51,14 @@ def _whisperx_version() -> str:
     return importlib.metadata.version("whisperx")
 
 
-def check_whisperx_env(runtime_env: dict) -> str:
-    """whisperx's version inside `runtime_env`; raises WhisperXEnvError with the cause when the env cannot be
-    created or cannot import whisperx."""
+def check_whisperx_env(runtime_env: dict, resources: dict[str, float] | None = None) -> str:
+    """whisperx's version inside `runtime_env`, on a node with the ASR actors' `resources` (where their env is built);
+    raises WhisperXEnvError with the cause when the env cannot be created or cannot import whisperx."""
     prepared = "py_executable" in runtime_env
     where = f"python {runtime_env['py_executable']}" if prepared else f"pip {runtime_env['pip']}"
     # Ray retries a worker whose python does not start (a wrong path) for ever: bound the wait.
     timeout_s = _PREPARED_ENV_START_S if prepared else runtime_env["config"]["setup_timeout_seconds"]
-    task = _whisperx_version.options(runtime_env=runtime_env).remote()
+    task = _whisperx_version.options(runtime_env=runtime_env, resources=resources or {}).remote()
     try:
         return ray.get(task, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as error:
