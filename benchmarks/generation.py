@@ -19,23 +19,11 @@ import time
 import torch
 
 from multitalk_model.checkpoints import build_model
-from multitalk_model.config import MultiTalkConfig
+from multitalk_model.config import get_preset
 from multitalk_model.guidance import GuidanceScales, GuidedDenoiser, StepCache
 from multitalk_model.sampling import euler_step, shifted_timesteps
 
-CONFIG = MultiTalkConfig(
-    num_layers=4,
-    num_attention_heads=8,
-    attention_head_dim=64,
-    ffn_dim=1408,
-    freq_dim=256,
-    text_dim=256,
-    image_dim=256,
-    audio_channels=64,
-    audio_intermediate_dim=128,
-    audio_dim=256,
-    audio_tokens=8,
-)
+CONFIG = get_preset("cpu-bench")
 LATENT = (5, 16, 28)  # 17 frames of 128x224
 
 

@@ -40,20 +40,7 @@ from serving.sharding import local_parameter_bytes, shard_transformer
 CONFIGS = {
     "tiny": (get_preset("tiny"), (3, 8, 8)),
     "mid": (
-        MultiTalkConfig(
-            num_layers=4,
-            num_attention_heads=8,
-            attention_head_dim=64,
-            ffn_dim=1408,
-            freq_dim=256,
-            text_dim=256,
-            image_dim=256,
-            audio_channels=64,
-            audio_intermediate_dim=128,
-            audio_dim=256,
-            audio_tokens=8,
-            text_len=64,
-        ),
+        get_preset("cpu-bench"),
         (5, 16, 24),
     ),
 }

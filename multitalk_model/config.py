@@ -208,6 +208,21 @@ PRESETS: dict[str, MultiTalkConfig] = {
         audio_dim=48,
         audio_tokens=4,
     ),
+    # CPU benchmarks: big enough that attention and the linears dominate a step (dim 512, 4 layers), 64-token prompts.
+    "cpu-bench": MultiTalkConfig(
+        num_layers=4,
+        num_attention_heads=8,
+        attention_head_dim=64,
+        ffn_dim=1408,
+        freq_dim=256,
+        text_dim=256,
+        image_dim=256,
+        audio_channels=64,
+        audio_intermediate_dim=128,
+        audio_dim=256,
+        audio_tokens=8,
+        text_len=64,
+    ),
     # Wan2.1-I2V-14B-480P + MultiTalk audio (chinese-wav2vec2-base: 12 layers of 768).
     "multitalk-14b": MultiTalkConfig(),
 }
