@@ -128,9 +128,12 @@ def landmarks_68(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     for t, frame in enumerate(frames):
         gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
         for p in range(len(boxes)):
-            crop, origin, scale = _face_crop(gray, boxes[p, t])
+            # The box in whole pixels: a detector's boxes differ in their last bits between processes (thread
+            # counts), and the fit must not (curation's serial and Ray runs give the same scores).
+            box = np.round(boxes[p, t].astype(np.float64))
+            crop, origin, scale = _face_crop(gray, box)
             # Pixel centres map as (x + 0.5) * scale - 0.5, as OpenCV resizes.
-            x0, y0, x1, y1 = (round(float(v)) for v in (boxes[p, t] - np.tile(origin, 2) + 0.5) * scale - 0.5)
+            x0, y0, x1, y1 = (round(float(v)) for v in (box - np.tile(origin, 2) + 0.5) * scale - 0.5)
             shape = predictor(crop, dlib.rectangle(x0, y0, x1, y1))
             points[p, t] = (np.array([(part.x, part.y) for part in shape.parts()]) + 0.5) / scale - 0.5 + origin
     return points

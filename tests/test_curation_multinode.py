@@ -5,13 +5,13 @@ free, and a node that dies with work in hand.
 there), a CPU node (127.0.0.2) and a GPU-like node (127.0.0.3) that declares the custom resource the config's model
 stages ask for (`faces.resources`, `wav2vec.resources`), as the GPU pods of infra/kuberay/rayjob-curate.yaml. The
 GPU-like node's CPUs left by its actors, under one CPU even when the face detectors are done, take the light
-tasks; the 1-CPU tasks (probe, shots, clip, sync) fit only on the CPU node. The output goes to one folder every node
+tasks; the 1-CPU tasks (probe, shots, clip, speakers) fit only on the CPU node. The output goes to one folder every node
 sees, as a cluster's shared volume.
 
 Checked: the model actors ran on the pinned node (Ray's state API); the output equals a run of the same stages in
 one process (same clips, scores up to float noise, same rejects); and with the CPU node removed while it holds a
-clip mid-task (held at the `curation-after-sync` pause point: sync is the last stage only that node can run, so the
-clips let past it go on to their shards) and one shard already committed, the driver goes on, its lost tasks
+clip mid-task (held at the `curation-after-speakers` pause point: speakers is the last stage only that node can run,
+so the clips let past it go on to their shards) and one shard already committed, the driver goes on, its lost tasks
 retried on a fresh node: every clip once, no partial shard, the committed shard untouched.
 """
 
@@ -40,7 +40,7 @@ from tests.test_cluster_chain import _commands
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_NODE = "gpu_node"  # the custom resource only the GPU-like node declares (rayjob-curate.yaml: the GPU pods)
-SYNC_PAUSE, SHARD_PAUSE = "curation-after-sync", "curation-shard-committed"
+HELD_PAUSE, SHARD_PAUSE = "curation-after-speakers", "curation-shard-committed"
 MODEL_STAGES = ("FaceStage", "Wav2VecStage")
 OBJECT_STORE_BYTES = 300 * 1024**2
 
@@ -173,7 +173,7 @@ def test_a_node_lost_mid_clip_is_replaced_and_every_clip_lands_once(cluster, con
     ray_cluster, nodes = cluster
     output, log = tmp_path / "out", tmp_path / "curate.log"
     gate = PauseGate()
-    gate.hold(SYNC_PAUSE)
+    gate.hold(HELD_PAUSE)
     gate.hold(SHARD_PAUSE)
     command = [sys.executable, str(REPO / "pipelines" / "curate.py"), "--config", str(config_path)]
     command += ["--output", str(output)]
@@ -188,17 +188,17 @@ def test_a_node_lost_mid_clip_is_replaced_and_every_clip_lands_once(cluster, con
             # Two clips go on: the driver reads results one ahead (Ray Data prefetches the next block), so it
             # commits the first clip's shard once the second's is written too.
             for _ in range(2):
-                (going,) = gate.wait_reached(SYNC_PAUSE, alive=alive)
-                gate.let_through(SYNC_PAUSE, going)
+                (going,) = gate.wait_reached(HELD_PAUSE, alive=alive)
+                gate.let_through(HELD_PAUSE, going)
             gate.wait_reached(SHARD_PAUSE, alive=alive)  # the driver committed a shard
-            (held,) = gate.wait_reached(SYNC_PAUSE, alive=alive)  # the next clip, its sync task not done
+            (held,) = gate.wait_reached(HELD_PAUSE, alive=alive)  # the next clip, its speakers task not done
             committed = {path: path.read_bytes() for path in _shards(output)}
             assert len(committed) == 1, log.read_text()[-3000:]
             assert _node_of_worker(ray_cluster.address, held) == nodes["cpu"].node_id
             ray_cluster.remove_node(nodes["cpu"])
             _cpu_node(ray_cluster, "127.0.0.4")
         finally:
-            gate.release(SYNC_PAUSE)
+            gate.release(HELD_PAUSE)
             gate.release(SHARD_PAUSE)
         returncode = process.wait(timeout=600)
     finally:
