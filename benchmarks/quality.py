@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.binding import bind, binding_matrix
 from evaluation.identity import face_descriptors
-from evaluation.landmarks import detect_tracks, landmarks_68, mouth_motion
+from evaluation.landmarks import detect_tracks, landmarks_68, mouth_signals
 from evaluation.lipsync import SAMPLES_PER_FRAME, shifted_correlations, speech_signal, sync_score
 from evaluation.syncnet import SyncNet, syncnet_score
 from multitalk_model.audio import load_speech
@@ -87,7 +87,7 @@ def main() -> None:
         landmarks, elapsed = timed(landmarks_68, frames, boxes)
         seconds["landmarks (dlib 68)"] += elapsed
         grey = np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]).astype(np.float32)
-        per_video[name] = (mouth_motion(landmarks)[0], grey_mouth_motion(grey, boxes[0]))
+        per_video[name] = (mouth_signals(landmarks)[0], grey_mouth_motion(grey, boxes[0]))
         video_s += len(frames) / 25
         print(f"{name}: {len(frames)} frames")
         del frames, grey  # a 20 s 1080p video is 3 GB of frames
@@ -95,12 +95,12 @@ def main() -> None:
     rows = {"whole video": ([], [], [], []), f"{CLIP_FRAMES}-frame clips": ([], [], [], [])}
     for name, (motion, grey_motion) in per_video.items():
         for audio_name, wave in audio.items():
-            if audio_name != name and audio_name in VIDEOS and len(wave) < len(motion) * SAMPLES_PER_FRAME:
+            if audio_name != name and audio_name in VIDEOS and len(wave) < motion.shape[-1] * SAMPLES_PER_FRAME:
                 continue
-            num_frames = min(len(motion), len(wave) // SAMPLES_PER_FRAME)
+            num_frames = min(motion.shape[-1], len(wave) // SAMPLES_PER_FRAME)
             start = time.perf_counter()
             speech = speech_signal(wave, num_frames)
-            score = sync_score(motion[:num_frames], speech).confidence
+            score = sync_score(motion[:, :num_frames], speech).confidence
             seconds["offline sync score"] += time.perf_counter() - start
             windows = [(0, num_frames)] + [(s, s + CLIP_FRAMES) for s in range(0, num_frames - CLIP_FRAMES + 1, 40)]
             for index, (first, last) in enumerate(windows):
@@ -109,7 +109,7 @@ def main() -> None:
                 offline = (
                     score
                     if index == 0
-                    else sync_score(motion[first:last], speech_signal(clip_wave, last - first)).confidence
+                    else sync_score(motion[:, first:last], speech_signal(clip_wave, last - first)).confidence
                 )
                 old = old_correlation_score(grey_motion[first:last], clip_wave)
                 own = audio_name == name
@@ -135,7 +135,7 @@ def main() -> None:
     left[turn:], right[:turn] = 0, 0
     start = time.perf_counter()
     boxes = detect_tracks(frames, 2)
-    motion = mouth_motion(landmarks_68(frames, boxes))
+    motion = mouth_signals(landmarks_68(frames, boxes))
     speech = np.stack([speech_signal(stream, len(frames)) for stream in (left, right)])
     binding = bind(binding_matrix(motion, speech))
     binding_s = time.perf_counter() - start

@@ -25,7 +25,8 @@ class Binding:
 
 
 def binding_matrix(mouth: np.ndarray, speech: np.ndarray, max_offset: int = 3) -> np.ndarray:
-    """[P, S] offline sync confidences of mouth motion [P, T] with speech signals [S, T]."""
+    """[P, S] offline sync confidences of mouth signals [P, 2, T] (`evaluation.landmarks.mouth_signals`) with
+    speech signals [S, 3, T] (`evaluation.lipsync.speech_signal`)."""
     return np.array([[sync_score(m, s, max_offset).confidence for s in speech] for m in mouth])
 
 

@@ -1,5 +1,5 @@
 """Faces of a video as the metrics see them: one track per person (numbered left to right), dlib's 68 landmarks
-per frame along each track, and the mouth opening they give.
+per frame along each track, and the lip speed and opening they give.
 
 The landmark and face-descriptor models are the .dat files of the `face-recognition-models` package, read by the
 `dlib-bin` wheel: both come from the package registry, so every metric here runs offline with nothing downloaded.
@@ -20,6 +20,8 @@ from multitalk_model.faces import FaceDetector, MTCNNDetector
 
 # dlib's 68-point scheme (iBUG 300-W), 0-indexed.
 MOUTH = slice(48, 68)  # outer lip 48..59, inner lip 60..67
+# The outer lip's upper and lower points facing each other across the mouth's middle.
+_UPPER_LIP, _LOWER_LIP = [50, 51, 52], [58, 57, 56]
 _LEFT_EYE_OUTER, _RIGHT_EYE_OUTER = 36, 45
 # Faces are fitted on a crop of the box plus this share of its size on each side (dlib's features reach a little
 # past the box), scaled to this box width (`landmarks_68`).
@@ -160,21 +162,37 @@ def face_tracks(frames: np.ndarray, num_persons: int | None = None, detect_every
     return FaceTracks(boxes=boxes, landmarks=landmarks_68(frames, boxes))
 
 
+def _interocular(landmarks: np.ndarray) -> np.ndarray:
+    """[..., T] distance between the outer eye corners (the unit of face-relative lengths), never zero."""
+    distance = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
+    return np.maximum(distance, 1e-6)
+
+
 def mouth_motion(landmarks: np.ndarray) -> np.ndarray:
     """[..., T] speed of the 20 lip landmarks of [..., T, 68, 2], relative to the eyes and in interocular
     distances per frame (so head motion and face size drop out); frame 0 repeats frame 1."""
     eyes = (landmarks[..., [_LEFT_EYE_OUTER], :] + landmarks[..., [_RIGHT_EYE_OUTER], :]) / 2
-    scale = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
-    lips = (landmarks[..., MOUTH, :] - eyes) / np.maximum(scale, 1e-6)[..., None, None]
+    lips = (landmarks[..., MOUTH, :] - eyes) / _interocular(landmarks)[..., None, None]
     speed = np.linalg.norm(np.diff(lips, axis=-3), axis=-1).mean(axis=-1)
     return np.concatenate([speed[..., :1], speed], axis=-1)
+
+
+def lip_opening(landmarks: np.ndarray) -> np.ndarray:
+    """[..., T] height of the outer lips across the mouth's middle, in interocular distances."""
+    height = np.linalg.norm(landmarks[..., _UPPER_LIP, :] - landmarks[..., _LOWER_LIP, :], axis=-1).mean(axis=-1)
+    return height / _interocular(landmarks)
+
+
+def mouth_signals(landmarks: np.ndarray) -> np.ndarray:
+    """[..., 2, T] what the offline lip-sync score (evaluation.lipsync) compares with speech: lip speed
+    (`mouth_motion`) and lip opening (`lip_opening`)."""
+    return np.stack([mouth_motion(landmarks), lip_opening(landmarks)], axis=-2)
 
 
 def mouth_shape(landmarks: np.ndarray) -> np.ndarray:
     """[..., 20, 2] lip landmarks about their centre, in interocular distances: the mouth's shape alone."""
     lips = landmarks[..., MOUTH, :]
-    scale = np.linalg.norm(landmarks[..., _LEFT_EYE_OUTER, :] - landmarks[..., _RIGHT_EYE_OUTER, :], axis=-1)
-    return (lips - lips.mean(axis=-2, keepdims=True)) / np.maximum(scale, 1e-6)[..., None, None]
+    return (lips - lips.mean(axis=-2, keepdims=True)) / _interocular(landmarks)[..., None, None]
 
 
 def landmark_distance(landmarks: np.ndarray, reference: np.ndarray) -> float:

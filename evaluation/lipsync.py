@@ -1,13 +1,20 @@
-"""Offline lip sync: does the mouth move with the speech? Face landmarks (evaluation.landmarks) give a mouth signal
-per frame, the audio gives speech signals per frame; their correlation over offsets of a few frames gives an offset
-and a confidence. Needs no downloaded weights, so it is the default score everywhere.
+"""Offline lip sync: does the mouth move with the speech? Face landmarks (evaluation.landmarks) give two mouth
+signals per frame, the audio gives speech signals per frame; their correlations over offsets of a few frames give
+an offset and a confidence. Needs no downloaded weights, so it is the default score everywhere.
 
-The mouth signal is the speed of the lip landmarks (the lips move through every syllable, also when the mouth
-stays open), log-compressed so that a head turn or a landmark jump does not outweigh the syllables. The speech
-signals are loudness plus its rate of change (onsets and ends of syllables) and the spectral flux (every change of
-sound, also inside continuous speech, where loudness hardly moves). The confidence is the mean of their Pearson
-correlations with the mouth at the best offset within a few frames: about 0 for another video's audio, clearly
-positive for the own. On the shared talking videos it ranks the own audio above others' (benchmarks/quality.py).
+Three pairs are correlated, each a relation of speech production:
+- lip speed with loudness plus its rate of change: the lips move at each syllable's onset and end;
+- lip speed with the spectral flux: every change of sound moves the lips, also inside continuous speech, where
+  loudness hardly moves;
+- lip opening with the level of the 1-3 kHz band (the second and third formants), over the frames with speech: the
+  wider the mouth, the more energy there. This is the band whose envelope follows the mouth's area best in natural
+  speech (Chandrasekaran et al., "The natural statistics of audiovisual speech", PLoS Comput Biol 2009); it
+  carries fluent speech, where the first two pairs are weakest. In pauses a mouth rests open or closed as it
+  likes, so they do not count.
+Lip speed is log-compressed so that a head turn or a landmark jump does not outweigh the syllables. The confidence
+is the mean of the three Pearson correlations at the best offset within a few frames: about 0 for another video's
+audio, clearly positive for the own. On the shared talking videos it ranks the own audio above others'
+(benchmarks/quality.py).
 """
 
 from __future__ import annotations
@@ -22,18 +29,22 @@ from multitalk_model.audio import SAMPLE_RATE, VIDEO_FPS
 
 SAMPLES_PER_FRAME = SAMPLE_RATE // VIDEO_FPS  # 640 audio samples per video frame
 ENVELOPE_FLOOR_DB = 45.0  # the envelope is floored this far below its loudest frame: silence is one level
+SPEECH_RANGE_DB = 35.0  # frames this close to the loudest one have speech in them; quieter ones are pauses
 # Mouth speeds (interocular distances per frame) are compressed as log(speed + this): about the speed landmark
 # jitter gives a still mouth, so the jitter of a closed mouth is one level, and big jumps count little more.
 MOUTH_SPEED_FLOOR = 0.01
-# Spectral flux: 24 log-mel bands of 25 ms Hann windows every 10 ms (4 per video frame), floored 60 dB below the peak.
-FLUX_BANDS, FLUX_WINDOW, FLUX_HOP, FLUX_FLOOR_DB = 24, 400, 160, 60.0
+# Spectra: 25 ms Hann windows every 10 ms (4 per video frame). The flux compares 24 log-mel bands, floored 60 dB
+# below the peak; the formant band's level is floored as the envelope is.
+SPECTRUM_WINDOW, SPECTRUM_HOP, SPECTRUM_FFT = 400, 160, 512
+FLUX_BANDS, FLUX_FLOOR_DB = 24, 60.0
+FORMANT_BAND_HZ = (1000.0, 3000.0)
 
 
 @dataclass(frozen=True)
 class SyncScore:
     """Offline sync of one face and one audio stream."""
 
-    confidence: float  # the peak mean correlation (-1..1) of mouth motion and speech within max_offset frames
+    confidence: float  # the peak mean correlation (-1..1) of mouth and speech signals within max_offset frames
     offset_frames: int  # the audio of frame t goes with the mouth of frame t + offset
 
 
@@ -53,18 +64,37 @@ def audio_envelope(wave: np.ndarray, num_frames: int) -> np.ndarray:
     return np.maximum(level, level.max() - ENVELOPE_FLOOR_DB)
 
 
-def spectral_flux(wave: np.ndarray, num_frames: int) -> np.ndarray:
-    """[num_frames] how fast the sound changes: the mean absolute change of log-mel energies between 10 ms steps,
-    averaged per video frame (each window centred on its 10 ms step)."""
-    hops_per_frame = SAMPLES_PER_FRAME // FLUX_HOP
-    margin = (FLUX_WINDOW - FLUX_HOP) // 2
+def _power_spectra(wave: np.ndarray, num_frames: int) -> np.ndarray:
+    """[num_frames * 4, SPECTRUM_FFT // 2 + 1] power spectra of 25 ms windows every 10 ms, each centred on its step."""
+    hops_per_frame = SAMPLES_PER_FRAME // SPECTRUM_HOP
+    margin = (SPECTRUM_WINDOW - SPECTRUM_HOP) // 2
     padded = np.pad(_frame_samples(wave, num_frames), margin)
-    windows = sliding_window_view(padded, FLUX_WINDOW)[::FLUX_HOP][: num_frames * hops_per_frame]
-    power = np.square(np.abs(np.fft.rfft(windows * np.hanning(FLUX_WINDOW), 512)))
-    bands = 10 * np.log10(np.maximum(power @ mel_filterbank(FLUX_BANDS, 512, SAMPLE_RATE).T, 1e-10))
+    windows = sliding_window_view(padded, SPECTRUM_WINDOW)[::SPECTRUM_HOP][: num_frames * hops_per_frame]
+    return np.square(np.abs(np.fft.rfft(windows * np.hanning(SPECTRUM_WINDOW), SPECTRUM_FFT)))
+
+
+def _per_frame(values: np.ndarray, num_frames: int) -> np.ndarray:
+    """Mean of the 10 ms steps of each video frame."""
+    return values.reshape(num_frames, -1).mean(axis=1)
+
+
+def spectral_flux(wave: np.ndarray, num_frames: int, power: np.ndarray | None = None) -> np.ndarray:
+    """[num_frames] how fast the sound changes: the mean absolute change of log-mel energies between 10 ms steps,
+    averaged per video frame. `power` (`_power_spectra` of the same audio) saves computing it again."""
+    power = _power_spectra(wave, num_frames) if power is None else power
+    bands = 10 * np.log10(np.maximum(power @ mel_filterbank(FLUX_BANDS, SPECTRUM_FFT, SAMPLE_RATE).T, 1e-10))
     bands = np.maximum(bands, bands.max() - FLUX_FLOOR_DB)
-    change = np.abs(np.diff(bands, axis=0, prepend=bands[:1])).mean(axis=1)
-    return change.reshape(num_frames, hops_per_frame).mean(axis=1)
+    return _per_frame(np.abs(np.diff(bands, axis=0, prepend=bands[:1])).mean(axis=1), num_frames)
+
+
+def formant_level(wave: np.ndarray, num_frames: int, power: np.ndarray | None = None) -> np.ndarray:
+    """[num_frames] level (dB, floored `ENVELOPE_FLOOR_DB` below its loudest frame) of the `FORMANT_BAND_HZ` band,
+    where the second and third formants lie: it rises as the mouth opens."""
+    power = _power_spectra(wave, num_frames) if power is None else power
+    frequencies = np.fft.rfftfreq(SPECTRUM_FFT, 1 / SAMPLE_RATE)
+    in_band = (frequencies >= FORMANT_BAND_HZ[0]) & (frequencies < FORMANT_BAND_HZ[1])
+    level = 10 * np.log10(np.maximum(_per_frame(power[:, in_band].sum(axis=1), num_frames), 1e-10))
+    return np.maximum(level, level.max() - ENVELOPE_FLOOR_DB)
 
 
 def _standardized(values: np.ndarray) -> np.ndarray:
@@ -73,12 +103,17 @@ def _standardized(values: np.ndarray) -> np.ndarray:
 
 
 def speech_signal(wave: np.ndarray, num_frames: int) -> np.ndarray:
-    """[2, num_frames] what a moving mouth follows: loudness plus its rate of change (each standardized), and the
-    spectral flux. Loudness alone misses the lips moving through continuous speech; its change marks each
-    syllable's onset and end, the flux each change of sound."""
+    """[4, num_frames] what a moving mouth follows: loudness plus its rate of change (each standardized), the
+    spectral flux, the formant band's level, and whether the frame has speech (1) or is a pause (0). Loudness alone
+    misses the lips moving through continuous speech; its change marks each syllable's onset and end, the flux
+    each change of sound, the formant level how open the mouth is."""
     envelope = audio_envelope(wave, num_frames)
     loudness = _standardized(envelope) + _standardized(np.abs(np.gradient(envelope)))
-    return np.stack([loudness, spectral_flux(wave, num_frames)])
+    power = _power_spectra(wave, num_frames)
+    has_speech = envelope > envelope.max() - SPEECH_RANGE_DB
+    return np.stack(
+        [loudness, spectral_flux(wave, num_frames, power), formant_level(wave, num_frames, power), has_speech]
+    )
 
 
 def smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
@@ -88,13 +123,17 @@ def smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
     return total / np.convolve(np.ones(values.shape[-1]), kernel, mode="same")
 
 
-def shifted_correlations(video: np.ndarray, audio: np.ndarray, max_shift: int) -> np.ndarray:
+def shifted_correlations(
+    video: np.ndarray, audio: np.ndarray, max_shift: int, counted: np.ndarray | None = None
+) -> np.ndarray:
     """[2 * max_shift + 1] Pearson correlations of audio frame t with video frame t + shift, shift = -max..max
-    (0 where either side is constant over the overlap)."""
+    (0 where either side is constant over the overlap), over the audio frames `counted` (all by default)."""
+    counted = np.ones(len(audio), dtype=bool) if counted is None else counted.astype(bool)
     correlations = np.zeros(2 * max_shift + 1)
     for index, shift in enumerate(range(-max_shift, max_shift + 1)):
-        a = audio[max(0, -shift) : len(audio) - max(0, shift)]
-        v = video[max(0, shift) : len(video) - max(0, -shift)]
+        kept = counted[max(0, -shift) : len(audio) - max(0, shift)]
+        a = audio[max(0, -shift) : len(audio) - max(0, shift)][kept]
+        v = video[max(0, shift) : len(video) - max(0, -shift)][kept]
         if len(a) < 3:
             continue
         a, v = a - a.mean(), v - v.mean()
@@ -104,16 +143,25 @@ def shifted_correlations(video: np.ndarray, audio: np.ndarray, max_shift: int) -
 
 
 def sync_score(mouth: np.ndarray, speech: np.ndarray, max_offset: int = 3) -> SyncScore:
-    """Offline sync of mouth motion [T] (`mouth_motion`, a speed) with speech signals [K, T] or [T]
-    (`speech_signal`): the offset with the highest correlation averaged over the K signals. Ties go to the offset
-    nearest zero."""
-    speech = np.atleast_2d(speech)
-    if len(mouth) != speech.shape[-1]:
-        raise ValueError(f"sync_score: {len(mouth)} mouth frames but {speech.shape[-1]} audio frames")
+    """Offline sync of mouth signals [2, T] (`evaluation.landmarks.mouth_signals`: lip speed, lip opening) with
+    speech signals [4, T] (`speech_signal`): the offset with the highest correlation averaged over the three pairs
+    (speed with loudness, speed with flux, opening with the formant level where there is speech). Ties go to the
+    offset nearest zero."""
+    if mouth.shape[:-1] != (2,) or speech.shape[:-1] != (4,):
+        raise ValueError(
+            f"sync_score: mouth signals [2, T] and speech signals [4, T] expected, got {mouth.shape} and {speech.shape}"
+        )
+    if mouth.shape[-1] != speech.shape[-1]:
+        raise ValueError(f"sync_score: {mouth.shape[-1]} mouth frames but {speech.shape[-1]} audio frames")
     if np.any(mouth < 0):
-        raise ValueError("sync_score: mouth motion is a speed, it cannot be negative")
-    video = smooth(np.log(mouth + MOUTH_SPEED_FLOOR))
-    correlations = np.mean([shifted_correlations(video, smooth(signal), max_offset) for signal in speech], axis=0)
+        raise ValueError("sync_score: lip speed and opening cannot be negative")
+    speed, opening = smooth(np.log(mouth[0] + MOUTH_SPEED_FLOOR)), smooth(mouth[1])
+    loudness, flux, formant = smooth(speech[:3])
+    correlations = (
+        shifted_correlations(speed, loudness, max_offset)
+        + shifted_correlations(speed, flux, max_offset)
+        + shifted_correlations(opening, formant, max_offset, counted=speech[3])
+    ) / 3
     nearest_first = sorted(range(len(correlations)), key=lambda index: abs(index - max_offset))
     best = max(nearest_first, key=lambda index: correlations[index])
     return SyncScore(confidence=float(correlations[best]), offset_frames=best - max_offset)

@@ -23,7 +23,7 @@ import numpy as np
 from evaluation.binding import bind, binding_matrix
 from evaluation.frechet import FVD_CLIP_FRAMES, fid, fvd, load_detector, video_clips
 from evaluation.identity import identity_scores
-from evaluation.landmarks import FaceTracks, NoFaceError, detect_faces, face_tracks, landmark_distance, mouth_motion
+from evaluation.landmarks import FaceTracks, NoFaceError, detect_faces, face_tracks, landmark_distance, mouth_signals
 from evaluation.lipsync import speech_signal, sync_score
 from evaluation.syncnet import load_syncnet, syncnet_score
 from multitalk_model.audio import AudioError, load_speech
@@ -84,7 +84,7 @@ def score_video(
     frames = _frames(video)
     streams = [_speech(path) for path in audio] if audio else [_speech(video)]
     tracks = _tracks(video, frames, len(streams) if len(streams) >= 2 else None)
-    mouth = mouth_motion(tracks.landmarks)
+    mouth = mouth_signals(tracks.landmarks)
     speech = np.stack([speech_signal(wave, len(frames)) for wave in streams])
     matrix = binding_matrix(mouth, speech, max_offset)
     binding = bind(matrix)

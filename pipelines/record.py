@@ -44,7 +44,7 @@ class Clip:
     # Faces: persons left to right.
     tracks: np.ndarray | None = None  # [P, T, 4] xyxy clip pixels
     mouth_motion: np.ndarray | None = None  # [P, T] grey levels per frame
-    lip_motion: np.ndarray | None = None  # [P, T] lip landmark speed (evaluation.landmarks), speakers and sync
+    lip_motion: np.ndarray | None = None  # [P, 2, T] lip speed and opening (evaluation.landmarks), speakers and sync
 
     # Audio, speakers, sync.
     voiced: np.ndarray | None = None  # [T] bool, 25 fps voice activity

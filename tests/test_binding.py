@@ -29,8 +29,12 @@ def test_each_mouth_binds_to_the_stream_it_moves_with():
     turns = np.repeat(np.arange(6) % 2, 25)  # person 0 speaks in even seconds, person 1 in odd ones
     waves = [rng.normal(size=150 * SAMPLES_PER_FRAME) * np.repeat(turns == p, SAMPLES_PER_FRAME) for p in range(2)]
     speech = np.stack([speech_signal(wave, 150) for wave in waves])
-    # Lip speeds (interocular distances per frame): fast while the person speaks, landmark jitter otherwise.
-    mouths = np.where(turns == np.arange(2)[:, None], 0.03, 0.003) * np.exp(0.3 * rng.normal(size=(2, 150)))
+    # Lip speed and opening (interocular distances): fast and open while the person speaks, landmark jitter and a
+    # closed mouth otherwise.
+    speaking = turns == np.arange(2)[:, None]
+    speeds = np.where(speaking, 0.03, 0.003) * np.exp(0.3 * rng.normal(size=(2, 150)))
+    openings = np.where(speaking, 0.15, 0.05) * np.exp(0.1 * rng.normal(size=(2, 150)))
+    mouths = np.stack([speeds, openings], axis=1)
 
     in_order = bind(binding_matrix(mouths, speech))
     swapped = bind(binding_matrix(mouths, speech[::-1]))

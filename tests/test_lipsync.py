@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.landmarks import face_tracks, mouth_motion
+from evaluation.landmarks import face_tracks, mouth_signals
 from evaluation.lipsync import SAMPLES_PER_FRAME, speech_signal, sync_score
 from evaluation.mfcc import mfcc
 from evaluation.syncnet import SyncNet, face_crops, syncnet_score
@@ -75,10 +75,12 @@ def test_offline_score_finds_a_known_lag_between_mouth_and_speech(lag):
     rng = np.random.default_rng(1)
     wave = (rng.normal(size=100 * SAMPLES_PER_FRAME) * np.repeat(rng.random(100) > 0.5, SAMPLES_PER_FRAME)) * 0.1
     speech = speech_signal(wave, 100)
-    # The lips of frame t + lag move as fast as frame t's sound rises, falls and changes (a speed: positive, in
-    # interocular distances).
-    activity = ((speech - speech.mean(axis=1, keepdims=True)) / speech.std(axis=1, keepdims=True)).sum(axis=0)
-    mouth = 0.02 * np.exp(np.roll(activity, lag) / 2 + 0.05 * rng.normal(size=100))
+    # The lips of frame t + lag move as fast as frame t's sound rises, falls and changes, and open as wide as its
+    # formants are loud (a speed and a height: positive, in interocular distances).
+    standard = (speech[:3] - speech[:3].mean(axis=1, keepdims=True)) / speech[:3].std(axis=1, keepdims=True)
+    speed = 0.02 * np.exp(np.roll(standard[:2].sum(axis=0), lag) / 2 + 0.05 * rng.normal(size=100))
+    opening = 0.1 + 0.02 * np.roll(standard[2], lag) + 0.001 * rng.normal(size=100)
+    mouth = np.stack([speed, np.maximum(opening, 0)])
 
     score = sync_score(mouth, speech, max_offset=3)
 
@@ -88,7 +90,7 @@ def test_offline_score_finds_a_known_lag_between_mouth_and_speech(lag):
 def test_offline_score_ranks_the_own_audio_above_another_videos(shared_media):
     video = shared_media / "talking_man_30fps.mp4"
     frames = read_video_frames(video, num_frames=100)
-    motion = mouth_motion(face_tracks(frames, num_persons=1).landmarks)[0]
+    motion = mouth_signals(face_tracks(frames, num_persons=1).landmarks)[0]
 
     own = sync_score(motion, speech_signal(load_speech(video), 100))
     other = sync_score(motion, speech_signal(load_speech(shared_media / "dubbing_speech_16k.wav"), 100))

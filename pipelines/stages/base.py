@@ -12,7 +12,7 @@ from typing import ClassVar
 import av
 import numpy as np
 
-from evaluation.landmarks import landmarks_68, mouth_motion
+from evaluation.landmarks import landmarks_68, mouth_signals
 from multitalk_model.media import read_video_frames
 from pipelines.record import Clip
 from pipelines.schema import SAMPLE_FPS, RejectReason
@@ -63,8 +63,8 @@ def clip_frames(clip: Clip, start_frame: int = 0, num_frames: int | None = None)
 
 
 def lip_motion(clip: Clip) -> np.ndarray:
-    """[P, T] each person's lip speed (dlib landmarks, `evaluation.landmarks.mouth_motion`) on the clip's frames:
-    fitted once, by the first stage that asks (speakers), and kept on the clip for the next (sync)."""
+    """[P, 2, T] each person's lip speed and opening (dlib landmarks, `evaluation.landmarks.mouth_signals`) on the
+    clip's frames: fitted once, by the first stage that asks (speakers), and kept on the clip for the next (sync)."""
     if clip.lip_motion is None:
-        clip.lip_motion = mouth_motion(landmarks_68(clip_frames(clip), clip.tracks))
+        clip.lip_motion = mouth_signals(landmarks_68(clip_frames(clip), clip.tracks))
     return clip.lip_motion

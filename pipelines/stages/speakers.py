@@ -20,12 +20,13 @@ def bind_speech(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: the person speech is bound to (-1: nobody) and the margin of that choice (0..1).
 
-    `lips` [P, T] is each person's lip speed (`evaluation.landmarks.mouth_motion`), `wave` the clip's 16 kHz mix.
+    `lips` [P, 2, T] is each person's lip speed and opening (`evaluation.landmarks.mouth_signals`), `wave` the
+    clip's 16 kHz mix.
     The winner of a voiced frame must follow the speech around it better than every other face and than a still
     face (confidence 0), and move its lips most around it; the margin is its confidence minus the runner-up's, the
     runner-up counting at least as still.
     """
-    num_persons, num_frames = lips.shape
+    num_persons, _, num_frames = lips.shape
     owner, margin = np.full(num_frames, -1), np.zeros(num_frames)
     frames = np.flatnonzero(voiced)
     if len(frames) == 0:
@@ -44,7 +45,7 @@ def bind_speech(
     winner = matrix.argmax(axis=0)
     # Landmark jitter lets a still face correlate a little with any speech: the winner must also be the face whose
     # lips move most around the frame.
-    most_moving = smooth(lips, window_frames)[:, frames].argmax(axis=0)
+    most_moving = smooth(lips[:, 0], window_frames)[:, frames].argmax(axis=0)
     bound = (best > 0) & (winner == most_moving)
     owner[frames] = np.where(bound, winner, -1)
     margin[frames] = np.where(bound, best - runner_up, 0.0)
