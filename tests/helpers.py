@@ -1,5 +1,5 @@
-"""Helpers several test modules share: a local Ray, pause gates, free ports, transformer inputs, headless Chromium,
-random stand-ins of the FID/FVD feature networks."""
+"""Helpers several test modules share: a local Ray, a simulated multi-node Ray cluster, pause gates, free ports,
+transformer inputs, headless Chromium, random stand-ins of the FID/FVD feature networks."""
 
 from __future__ import annotations
 
@@ -34,6 +34,32 @@ def local_ray(num_cpus: int = 2) -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+def add_simulated_node(cluster, ip: str, **node_args):
+    """A node joining a `simulated_cluster` at `ip` (a loopback address of its own: Ray tells nodes by their IP), with
+    `ray start`'s arguments (`num_cpus`, `resources`, ...); returns its `ray._private.node.Node`."""
+    return cluster.add_node(node_ip_address=ip, include_dashboard=False, **node_args)
+
+
+@contextmanager
+def simulated_cluster(head: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> Iterator[tuple[Any, list]]:
+    """A Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`), each with its own raylet and
+    object store, this process connected as its driver; yields the cluster and its nodes in `nodes`' order.
+
+    `head`: the head's `ray start` arguments (no dashboard unless they ask for one); `nodes`: IP -> a node's arguments
+    (`add_simulated_node`). Tests remove nodes and add others through the cluster."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **head})
+    try:
+        added = [add_simulated_node(cluster, ip, **node_args) for ip, node_args in nodes.items()]
+        cluster.connect()
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 class PauseGate:

@@ -35,7 +35,7 @@ from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.curate import run
 from pipelines.schema import MANIFEST_FILE, REJECTS_FILE
 from platform_common.config import read_config
-from tests.helpers import PauseGate, free_port
+from tests.helpers import PauseGate, add_simulated_node, free_port, simulated_cluster
 from tests.test_cluster_chain import _commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,37 +43,17 @@ GPU_NODE = "gpu_node"  # the custom resource only the GPU-like node declares (ra
 HELD_PAUSE, SHARD_PAUSE = "curation-after-speakers", "curation-shard-committed"
 MODEL_STAGES = ("FaceStage", "Wav2VecStage")
 OBJECT_STORE_BYTES = 300 * 1024**2
-
-
-def _cpu_node(cluster, address: str):
-    return cluster.add_node(
-        num_cpus=1, node_ip_address=address, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False
-    )
+CPU_NODE = {"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
     head = {"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES}
     # The dashboard answers the state API, which lists actors and workers with their nodes.
     head.update(include_dashboard=True, dashboard_port=free_port())
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    cpu = _cpu_node(cluster, "127.0.0.2")
-    gpu = cluster.add_node(
-        num_cpus=2,
-        node_ip_address="127.0.0.3",
-        resources={GPU_NODE: 1000},
-        object_store_memory=OBJECT_STORE_BYTES,
-        include_dashboard=False,
-    )
-    cluster.connect()
-    try:
+    gpu_node = {"num_cpus": 2, "resources": {GPU_NODE: 1000}, "object_store_memory": OBJECT_STORE_BYTES}
+    with simulated_cluster(head=head, nodes={"127.0.0.2": CPU_NODE, "127.0.0.3": gpu_node}) as (cluster, (cpu, gpu)):
         yield cluster, {"cpu": cpu, "gpu": gpu}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +176,7 @@ def test_a_node_lost_mid_clip_is_replaced_and_every_clip_lands_once(cluster, con
             assert len(committed) == 1, log.read_text()[-3000:]
             assert _node_of_worker(ray_cluster.address, held) == nodes["cpu"].node_id
             ray_cluster.remove_node(nodes["cpu"])
-            _cpu_node(ray_cluster, "127.0.0.4")
+            add_simulated_node(ray_cluster, "127.0.0.4", **CPU_NODE)
         finally:
             gate.release(HELD_PAUSE)
             gate.release(SHARD_PAUSE)

@@ -29,7 +29,7 @@ from multitalk_model.components import transformer_weights
 from multitalk_model.config import get_preset
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from tests.helpers import PauseGate
-from tests.test_multinode_training import _corpus_clips
+from tests.test_multinode_training import TRAINER, _corpus_clips, training_cluster
 from tests.test_training_ray import _curate, _registered, _sample_log, _write_config
 from training.config import DataConfig, TrainingConfig
 from training.data import ClipStream, CursorTracker, split_shards
@@ -40,25 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = get_preset("tiny")
 RUN = "elastic"
 CHECKPOINT_EVERY = 3
-TRAINER = {"trainer": 1}  # the custom resource of a training node: one worker each
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [
-        cluster.add_node(num_cpus=1, node_ip_address=f"127.0.0.{index}", resources=TRAINER, include_dashboard=False)
-        for index in (2, 3)
-    ]
-    cluster.connect()
-    try:
-        yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with training_cluster() as simulated:
+        yield simulated
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from multitalk_model.components import transformer_weights
 from multitalk_model.config import get_preset
 from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from pipelines.schema import MANIFEST_FILE
-from tests.helpers import PauseGate
+from tests.helpers import PauseGate, add_simulated_node, simulated_cluster
 from tests.test_training_ray import _curate, _registered, _sample_log, _write_config
 from training.data import split_shards
 
@@ -40,26 +40,19 @@ TINY = get_preset("tiny")
 RUN = "multinode"
 CHECKPOINT_EVERY = 3
 TRAINER = {"trainer": 1}  # the custom resource of a training node: one worker each
+TRAINING_NODE = {"num_cpus": 1, "resources": TRAINER}
 
 
-def _training_node(cluster, address: str):
-    return cluster.add_node(num_cpus=1, node_ip_address=address, resources=TRAINER, include_dashboard=False)
+def training_cluster():
+    """A head and two training nodes (127.0.0.2, .3). The head's CPU runs curation's tasks beside its model actors on
+    the training nodes; no trainer lands there."""
+    return simulated_cluster(head={"num_cpus": 1}, nodes={ip: TRAINING_NODE for ip in ("127.0.0.2", "127.0.0.3")})
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    # The head's CPU runs curation's tasks beside its model actors on the training nodes; no trainer lands there.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [_training_node(cluster, f"127.0.0.{index}") for index in (2, 3)]
-    cluster.connect()
-    try:
-        yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with training_cluster() as simulated:
+        yield simulated
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +108,7 @@ def run(cluster, corpus, tiny_model_dir, tmp_path_factory) -> tuple[Path, list[s
             time.sleep(0.2)
         doomed = _sample_log(output)[(1, CHECKPOINT_EVERY)]["node"]
         cluster.remove_node(next(node for node in nodes if node.node_id == doomed))
-        replacement = _training_node(cluster, "127.0.0.4")
+        replacement = add_simulated_node(cluster, "127.0.0.4", **TRAINING_NODE)
     finally:
         gate.release(pause)
     assert process.wait(timeout=600) == 0, log.read_text()[-4000:]

@@ -21,6 +21,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from multitalk_model.fixtures.tiny_model import build_tiny_model_dir
 from serving.config import ControlPlane, GenerationDefaults, GeneratorScaling, ServingConfig
+from tests.helpers import simulated_cluster
 from tests.test_serving import ALICE, SMALL, Service, _official_options
 
 pytestmark = pytest.mark.slow
@@ -42,21 +43,10 @@ STREAMING = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "labels": POOL, "include_dashboard": False})
-    nodes = [
-        cluster.add_node(
-            num_cpus=1, num_gpus=1, node_ip_address=f"127.0.0.{index}", resources=GENERATOR, include_dashboard=False
-        )
-        for index in (2, 3)
-    ]
-    cluster.connect()
-    try:
-        yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    generator_node = {"num_cpus": 1, "num_gpus": 1, "resources": GENERATOR}
+    head = {"num_cpus": 1, "labels": POOL}
+    with simulated_cluster(head=head, nodes={ip: generator_node for ip in ("127.0.0.2", "127.0.0.3")}) as simulated:
+        yield simulated
 
 
 @pytest.fixture(scope="module")
