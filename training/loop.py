@@ -68,6 +68,29 @@ def _warmup_factor(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+def build_engine(model: torch.nn.Module, config: TrainingConfig, world_size: int) -> DeepSpeedEngine:
+    """DeepSpeed around the model's trainable parameters: AdamW with the warm-up schedule, ZeRO over the
+    `world_size` workers of the process group that already exists (Ray Train's)."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    # A torch optimizer: DeepSpeed's own would compile kernels first (and gives nothing here that this lacks).
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.optimizer.lr,
+        betas=config.optimizer.betas,
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(config.optimizer.warmup_steps))
+    return deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=_deepspeed_config(config, world_size),
+        dist_init_required=False,
+    )[0]
+
+
 @dataclass
 class StepStats:
     """What one worker did in one optimizer step."""
@@ -115,25 +138,8 @@ class Worker:
             model.enable_gradient_checkpointing()
         model.train()
         self.encoders = FrozenEncoders.load(config.model.model_dir, self.architecture, self.device, self.dtype)
-        params = [param for param in model.parameters() if param.requires_grad]
-        # A torch optimizer: DeepSpeed's own would compile kernels first (and gives nothing here that this lacks).
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=config.optimizer.lr,
-            betas=config.optimizer.betas,
-            eps=config.optimizer.eps,
-            weight_decay=config.optimizer.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(config.optimizer.warmup_steps))
-        # Ray Train created the process group already; DeepSpeed reuses it.
-        self.engine: DeepSpeedEngine = deepspeed.initialize(
-            model=model,
-            model_parameters=params,
-            optimizer=optimizer,
-            lr_scheduler=self.scheduler,
-            config=_deepspeed_config(config, self.world_size),
-            dist_init_required=False,
-        )[0]
+        self.engine = build_engine(model, config, self.world_size)
+        self.scheduler = self.engine.lr_scheduler
         self.frozen_at_start = frozen_fingerprint(self.engine.module)
 
         # Noise, timesteps and dropouts come from a generator of their own, saved with each checkpoint.
