@@ -69,6 +69,16 @@ def _adam_steps(engine) -> list[float]:
     return [float(state["step"]) for state in engine.optimizer.optimizer.state.values()]
 
 
+def _partition_names(checkpoint: Path) -> list[set[str]]:
+    """The parameters with a fragment in each rank's ZeRO partition of a checkpoint."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_SLICE_MAPPINGS
+
+    from training.checkpointing import TAG
+
+    saved = [torch.load(path, weights_only=False) for path in sorted((checkpoint / TAG).glob("*_optim_states.pt"))]
+    return [{name for group in part[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS] for name in group} for part in saved]
+
+
 def _worker(rank: int, world_size: int, port: int, config_json: str, work: Path, phase: str) -> None:
     import torch.distributed as dist
 
@@ -121,7 +131,9 @@ def test_resized_resumes_restore_the_optimizer_state_and_train_on_as_the_uninter
         mp.spawn(_worker, args=(world_size, free_port(), config, tmp_path, phase), nprocs=world_size)
     first, shrunk, grown = (torch.load(tmp_path / f"{phase}.pt") for phase in ("first", "shrunk", "grown"))
 
-    # The moments are under test: every parameter has some by the checkpoint.
+    # The moments are under test: every parameter has some by the checkpoint, and one is split between the two
+    # workers' partitions (merged from both on the shrink, set in both on the growth).
+    assert len(partitions := _partition_names(tmp_path / "first")) == 2 and set.intersection(*partitions)
     assert all(state[key].any() for state in first["saved"].values() for key in MOMENTS)
     assert first["adam_steps"] == [STEPS] * len(first["adam_steps"])
     assert shrunk["resumed_at"] == STEPS and grown["resumed_at"] == STEPS + 1

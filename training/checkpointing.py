@@ -103,7 +103,9 @@ def _load_repartitioned(engine: DeepSpeedEngine, zero_dir: Path) -> None:
             f"{zero_dir}: a checkpoint resumes on another number of workers under ZeRO 1 or 2 only, not with "
             f"{type(zero).__name__} (ZeRO stage {engine.zero_optimization_stage()})"
         )
-    states, shared, settings = _state_by_parameter(zero_dir)
+    # The parameters with a fragment in this rank's partitions, by name (what DeepSpeed saves beside the partitions).
+    owned = {name for group in zero._param_slice_mappings for name in group}
+    states, shared, settings = _state_by_parameter(zero_dir, owned)
     keys = {key for state in states.values() for key in state} - {MASTER_WEIGHT}
     optimizer = zero.optimizer  # the torch optimizer over ZeRO's flat fp32 partitions, one a parameter group
     if optimizer.state:
@@ -121,7 +123,7 @@ def _load_repartitioned(engine: DeepSpeedEngine, zero_dir: Path) -> None:
     # What DeepSpeed does after its first step: each parameter's optimizer state becomes a view into the partition's.
     zero._lazy_init_hp_params_optimizer_state()
     for name, param in engine.module.named_parameters():
-        if not param.requires_grad:
+        if name not in owned:
             continue
         state = states.get(name)
         if state is None or state[MASTER_WEIGHT].numel() != param.numel():
@@ -133,11 +135,12 @@ def _load_repartitioned(engine: DeepSpeedEngine, zero_dir: Path) -> None:
 
 
 def _state_by_parameter(
-    zero_dir: Path,
+    zero_dir: Path, names: set[str]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], list[dict[str, Any]]]:
-    """A ZeRO 1/2 checkpoint's fp32 master weight and per-element optimizer state (AdamW's moments) of every trainable
-    parameter, flat, merged from every rank's partition; the optimizer state the parameters share (AdamW's step);
-    and the optimizer's parameter groups (learning rate, betas, ...).
+    """A ZeRO 1/2 checkpoint's fp32 master weight and per-element optimizer state (AdamW's moments) of the trainable
+    parameters `names`, flat, merged from every rank's partition; the optimizer state the parameters share (AdamW's
+    step); and the optimizer's parameter groups (learning rate, betas, ...). Only these parameters' state is kept:
+    each new rank holds its own share, not the whole optimizer.
 
     A rank's partition is a contiguous slice of its parameter group flattened, so a parameter is its fragments in
     the partitions of consecutive ranks; DeepSpeed records each fragment's place in the partition by name."""
@@ -157,6 +160,8 @@ def _state_by_parameter(
                 else:
                     shared[key] = value
             for name, address in slices.items():
+                if name not in names:
+                    continue
                 for key, values in partition.items():
                     fragments[name][key].append(values.narrow(0, address.start, address.numel).clone())
     merged = {name: {key: torch.cat(parts) for key, parts in state.items()} for name, state in fragments.items()}
