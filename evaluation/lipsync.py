@@ -36,6 +36,7 @@ MOUTH_SPEED_FLOOR = 0.01
 # Spectra: 25 ms Hann windows every 10 ms (4 per video frame). The flux compares 24 log-mel bands, floored 60 dB
 # below the peak; the formant band's level is floored as the envelope is.
 SPECTRUM_WINDOW, SPECTRUM_HOP, SPECTRUM_FFT = 400, 160, 512
+STEPS_PER_FRAME = SAMPLES_PER_FRAME // SPECTRUM_HOP
 FLUX_BANDS, FLUX_FLOOR_DB = 24, 60.0
 FORMANT_BAND_HZ = (1000.0, 3000.0)
 
@@ -65,35 +66,33 @@ def audio_envelope(wave: np.ndarray, num_frames: int) -> np.ndarray:
 
 
 def _power_spectra(wave: np.ndarray, num_frames: int) -> np.ndarray:
-    """[num_frames * 4, SPECTRUM_FFT // 2 + 1] power spectra of 25 ms windows every 10 ms, each centred on its step."""
-    hops_per_frame = SAMPLES_PER_FRAME // SPECTRUM_HOP
+    """[num_frames * STEPS_PER_FRAME, SPECTRUM_FFT // 2 + 1] power spectra of 25 ms windows every 10 ms, each centred
+    on its step; audio shorter than the video counts as silence."""
     margin = (SPECTRUM_WINDOW - SPECTRUM_HOP) // 2
     padded = np.pad(_frame_samples(wave, num_frames), margin)
-    windows = sliding_window_view(padded, SPECTRUM_WINDOW)[::SPECTRUM_HOP][: num_frames * hops_per_frame]
+    windows = sliding_window_view(padded, SPECTRUM_WINDOW)[::SPECTRUM_HOP][: num_frames * STEPS_PER_FRAME]
     return np.square(np.abs(np.fft.rfft(windows * np.hanning(SPECTRUM_WINDOW), SPECTRUM_FFT)))
 
 
-def _per_frame(values: np.ndarray, num_frames: int) -> np.ndarray:
+def _per_frame(values: np.ndarray) -> np.ndarray:
     """Mean of the 10 ms steps of each video frame."""
-    return values.reshape(num_frames, -1).mean(axis=1)
+    return values.reshape(-1, STEPS_PER_FRAME).mean(axis=1)
 
 
-def spectral_flux(wave: np.ndarray, num_frames: int, power: np.ndarray | None = None) -> np.ndarray:
-    """[num_frames] how fast the sound changes: the mean absolute change of log-mel energies between 10 ms steps,
-    averaged per video frame. `power` (`_power_spectra` of the same audio) saves computing it again."""
-    power = _power_spectra(wave, num_frames) if power is None else power
+def spectral_flux(power: np.ndarray) -> np.ndarray:
+    """[frames] how fast the sound changes, from power spectra (`_power_spectra`): the mean absolute change of log-mel
+    energies between 10 ms steps, averaged per video frame."""
     bands = 10 * np.log10(np.maximum(power @ mel_filterbank(FLUX_BANDS, SPECTRUM_FFT, SAMPLE_RATE).T, 1e-10))
     bands = np.maximum(bands, bands.max() - FLUX_FLOOR_DB)
-    return _per_frame(np.abs(np.diff(bands, axis=0, prepend=bands[:1])).mean(axis=1), num_frames)
+    return _per_frame(np.abs(np.diff(bands, axis=0, prepend=bands[:1])).mean(axis=1))
 
 
-def formant_level(wave: np.ndarray, num_frames: int, power: np.ndarray | None = None) -> np.ndarray:
-    """[num_frames] level (dB, floored `ENVELOPE_FLOOR_DB` below its loudest frame) of the `FORMANT_BAND_HZ` band,
-    where the second and third formants lie: it rises as the mouth opens."""
-    power = _power_spectra(wave, num_frames) if power is None else power
+def formant_level(power: np.ndarray) -> np.ndarray:
+    """[frames] level (dB, floored `ENVELOPE_FLOOR_DB` below its loudest frame) of the `FORMANT_BAND_HZ` band, from
+    power spectra (`_power_spectra`): where the second and third formants lie, it rises as the mouth opens."""
     frequencies = np.fft.rfftfreq(SPECTRUM_FFT, 1 / SAMPLE_RATE)
     in_band = (frequencies >= FORMANT_BAND_HZ[0]) & (frequencies < FORMANT_BAND_HZ[1])
-    level = 10 * np.log10(np.maximum(_per_frame(power[:, in_band].sum(axis=1), num_frames), 1e-10))
+    level = 10 * np.log10(np.maximum(_per_frame(power[:, in_band].sum(axis=1)), 1e-10))
     return np.maximum(level, level.max() - ENVELOPE_FLOOR_DB)
 
 
@@ -111,9 +110,7 @@ def speech_signal(wave: np.ndarray, num_frames: int) -> np.ndarray:
     loudness = _standardized(envelope) + _standardized(np.abs(np.gradient(envelope)))
     power = _power_spectra(wave, num_frames)
     has_speech = envelope > envelope.max() - SPEECH_RANGE_DB
-    return np.stack(
-        [loudness, spectral_flux(wave, num_frames, power), formant_level(wave, num_frames, power), has_speech]
-    )
+    return np.stack([loudness, spectral_flux(power), formant_level(power), has_speech])
 
 
 def smooth(values: np.ndarray, window: int = 3) -> np.ndarray:

@@ -62,6 +62,15 @@ def simulated_cluster(head: dict[str, Any], nodes: dict[str, dict[str, Any]]) ->
         cluster.shutdown()
 
 
+def short_window_curation(config: dict) -> dict:
+    """A curation config (a YAML dict) for a test corpus of short windows (17-33 frames), with the landmark sync and
+    speaker-binding gates off: they are calibrated on 81-frame clips (benchmarks/quality.py), and shorter windows
+    are too short to judge. The corpora that use it only have to feed what their tests check."""
+    config.setdefault("speakers", {})["min_binding_confidence"] = 0
+    config.setdefault("sync", {})["min_confidence"] = -1
+    return config
+
+
 class PauseGate:
     """Holds code at a `platform_common.pause` point until the test releases it, and tells who reached it."""
 

@@ -35,7 +35,7 @@ from pipelines.config import ConfigError, CurationConfig, load_config
 from pipelines.curate import run
 from pipelines.schema import MANIFEST_FILE, REJECTS_FILE
 from platform_common.config import read_config
-from tests.helpers import PauseGate, add_simulated_node, free_port, simulated_cluster
+from tests.helpers import PauseGate, add_simulated_node, free_port, short_window_curation, simulated_cluster
 from tests.test_cluster_chain import _commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,13 +76,9 @@ def config_path(shared_media, tmp_path_factory) -> Path:
             "resources": pinned,
         },
         "shards": {"size": 1},  # one shard per clip: shards are committed while other clips are in flight
-        # 33-frame windows (1.3 s) are too short for the landmark sync and binding gates, calibrated on 81-frame
-        # clips: off here, where every talking window must reach its shard.
-        "speakers": {"min_binding_confidence": 0},
-        "sync": {"min_confidence": -1},
     }
     path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(short_window_curation(config)))
     return path
 
 

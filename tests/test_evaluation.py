@@ -45,7 +45,7 @@ from pipelines.schema import MANIFEST_FILE
 from pipelines.schema import REPORT_FILE as CURATION_REPORT
 from pipelines.schema import SUMMARY_FILE as CURATION_SUMMARY
 from pipelines.sink import TEST_DIR
-from tests.helpers import save_random_feature_networks
+from tests.helpers import save_random_feature_networks, short_window_curation
 from training.config import EvaluationSettings, ModelConfig
 from training.config import load_config as load_training_config
 from training.data import _list_shards
@@ -75,12 +75,8 @@ def curated(local_ray, shared_media, tmp_path_factory) -> Path:
         "faces": {"detect_every": 8, "num_cpus": 0.5},
         "wav2vec": {"model_path": str(build_tiny_wav2vec2(work / "wav2vec2")), "num_cpus": 0.5, "batch_size": 4},
         "split": {"test_sources": [HELD_OUT]},
-        # 17-frame windows (0.68 s) are too short for the landmark sync and binding scores, whose gates are
-        # calibrated on 81-frame clips: off here, where the corpus serves the split and the evaluation.
-        "speakers": {"min_binding_confidence": 0},
-        "sync": {"min_confidence": -1},
     }
-    (work / "curate.yaml").write_text(yaml.safe_dump(config))
+    (work / "curate.yaml").write_text(yaml.safe_dump(short_window_curation(config)))
     curate(load_curation_config(work / "curate.yaml", input=str(work / "inputs.jsonl"), output=str(work / "out")))
     return work / "out"
 

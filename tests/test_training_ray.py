@@ -34,7 +34,7 @@ from multitalk_model.fixtures.tiny_wav2vec2 import build_tiny_wav2vec2
 from multitalk_model.media import read_video_frames, write_video
 from pipelines.config import load_config as load_curation_config
 from pipelines.curate import run as curate
-from tests.helpers import PauseGate
+from tests.helpers import PauseGate, short_window_curation
 from training.checkpointing import TAG, trainable_state_dict
 from training.config import DataConfig, ModelConfig, ObjectiveConfig
 from training.data import AI2V, ClipStream, CursorTracker
@@ -59,14 +59,11 @@ def _curate(work: Path, name: str, rows: list[dict], frame_num: int, stride: int
         "clips": {"frame_num": frame_num, "stride": stride},
         "faces": {"detect_every": 8, "num_cpus": 0.5},
         "audio": {"min_speech_s": 0.3},
-        # Windows of 17-33 frames (0.7-1.3 s) are too short for the landmark sync and binding scores, whose gates
-        # are calibrated on 81-frame clips: off here, where the corpus only has to feed training.
-        "speakers": {"min_speaking_s": 0.2, "min_binding_confidence": 0},
-        "sync": {"min_confidence": -1},
+        "speakers": {"min_speaking_s": 0.2},
         "wav2vec": {"model_path": str(wav2vec), "num_cpus": 0.5, "batch_size": 4},
         "shards": {"size": 3},
     }
-    (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(short_window_curation(config)))
     curate(load_curation_config(work / f"{name}.yaml", input=str(work / f"{name}.jsonl"), output=str(output)))
 
 
